@@ -1,0 +1,118 @@
+"""Injected forward vs merged weights on tiny random HF Flax Llama and BERT."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import hf_numerics
+from helpers import random_pools
+from mos_jax import BERT_TARGETS, MoSConfig, adapt, assemble, inject, merge, unmerge
+
+IDS = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(2, 7)), jnp.int32)
+
+
+def llama_out(model, params):
+  return model(IDS, params=params).logits
+
+
+def bert_out(model, params):
+  return model(IDS, params=params).last_hidden_state
+
+
+MODELS = [
+    ("tiny_llama", llama_out, MoSConfig(rank=4, equivalent_rank=1, private_rank=0, shards_per_vector=2)),
+    ("tiny_llama", llama_out, MoSConfig(rank=4, equivalent_rank=2, private_rank=1, shards_per_vector=4)),
+    ("tiny_bert", bert_out, MoSConfig(rank=3, equivalent_rank=1, shards_per_vector=2, target_modules=BERT_TARGETS)),
+]
+
+
+def rel_err(a, b):
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+@pytest.mark.parametrize("fixture, out, cfg", MODELS)
+def test_injected_equals_merged_and_init_equals_base(fixture, out, cfg, request):
+  model = request.getfixturevalue(fixture)
+  adapter = adapt(model.params, cfg)
+  routing = adapter.routing
+
+  @jax.jit
+  def adapted(pools, params):
+    with hf_numerics(), inject(assemble(pools, routing), routing):
+      return out(model, params)
+
+  with hf_numerics():
+    base = out(model, model.params)
+    # B = 0 at init: the adapter adds exact zeros. Op by op (no XLA fusion to reorder
+    # the float arithmetic around the extra add) the outputs are equal bit for bit.
+    with inject(assemble(adapter.pools, routing), routing):
+      np.testing.assert_array_equal(np.asarray(out(model, model.params)), np.asarray(base))
+    assert rel_err(adapted(adapter.pools, model.params), base) < 1e-6
+    # Small enough that attention logits stay moderate: large random deltas make the
+    # softmax ill-conditioned and float32 round-off, not the adapter, dominates.
+    pools = jax.tree_util.tree_map(lambda x: 0.05 * x, random_pools(adapter.pools))
+    injected = adapted(pools, model.params)
+    factors = assemble(pools, routing)
+    merged = out(model, merge(model.params, factors, routing))
+  assert rel_err(injected, base) > 1e-3  # the adapter does something
+  assert rel_err(injected, merged) < 1e-5
+
+
+def test_merge_touches_only_targets_and_unmerge_restores(tiny_llama):
+  cfg = MoSConfig(rank=4, equivalent_rank=1, shards_per_vector=2, target_modules=["q_proj", "down_proj"])
+  adapter = adapt(tiny_llama.params, cfg)
+  factors = assemble(random_pools(adapter.pools), adapter.routing)
+  merged = merge(tiny_llama.params, factors, adapter.routing)
+  layers = merged["model"]["layers"]
+  base = tiny_llama.params["model"]["layers"]
+  a, b = factors["model/layers/*/self_attn/q_proj"]["A"][2], factors["model/layers/*/self_attn/q_proj"]["B"][2]
+  np.testing.assert_allclose(np.asarray(layers["2"]["self_attn"]["q_proj"]["kernel"]),
+                             np.asarray(base["2"]["self_attn"]["q_proj"]["kernel"])
+                             + cfg.scale * np.asarray(a).T @ np.asarray(b).T, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(layers["2"]["self_attn"]["k_proj"]["kernel"]),
+                                np.asarray(base["2"]["self_attn"]["k_proj"]["kernel"]))
+  restored = unmerge(merged, factors, adapter.routing)
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5),
+                         restored, tiny_llama.params)
+
+
+def test_merge_keeps_kernel_dtype(tiny_llama):
+  params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), tiny_llama.params)
+  adapter = adapt(params, MoSConfig(rank=2, equivalent_rank=1))
+  merged = merge(params, assemble(random_pools(adapter.pools), adapter.routing), adapter.routing)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(merged))
+
+
+def test_bf16_base_with_float32_pools(tiny_llama):
+  params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), tiny_llama.params)
+  adapter = adapt(params, MoSConfig(rank=4, equivalent_rank=1, shards_per_vector=2))
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(adapter.pools))
+  pools = jax.tree_util.tree_map(lambda x: 0.3 * x, random_pools(adapter.pools))
+  with hf_numerics(), inject(assemble(pools, adapter.routing), adapter.routing):
+    out = llama_out(tiny_llama, params)
+  assert out.dtype == jnp.float32 and bool(jnp.isfinite(out).all())
+
+
+def test_dropout_is_active_only_with_a_key(tiny_llama):
+  adapter = adapt(tiny_llama.params, MoSConfig(rank=4, equivalent_rank=1, shards_per_vector=2, dropout=0.5))
+  factors = assemble(random_pools(adapter.pools), adapter.routing)
+
+  def run(key):
+    with hf_numerics(), inject(factors, adapter.routing, dropout_rng=key):
+      return llama_out(tiny_llama, tiny_llama.params)
+
+  k = jax.random.key(0)
+  np.testing.assert_array_equal(np.asarray(run(k)), np.asarray(run(k)))
+  assert rel_err(run(k), run(jax.random.key(1))) > 1e-3
+  assert rel_err(run(None), run(k)) > 1e-3
+
+
+def test_inject_refuses_stacked_groups():
+  params = {"layers": {"q": {"kernel": jnp.zeros((4, 8, 8))}}}
+  adapter = adapt(params, MoSConfig(rank=2, equivalent_rank=1, target_modules=["q"]))
+  with pytest.raises(NotImplementedError, match="merge"):
+    with inject(assemble(adapter.pools, adapter.routing), adapter.routing):
+      pass
+  merged = merge(params, assemble(random_pools(adapter.pools), adapter.routing), adapter.routing)
+  assert merged["layers"]["q"]["kernel"].shape == (4, 8, 8) and bool(jnp.any(merged["layers"]["q"]["kernel"]))

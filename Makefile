@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install test test-slow demo bench reproduce clean
+.PHONY: install test test-slow demo demo-tiny bench reproduce clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +25,16 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 demo: $(STAMP)
+	$(BIN)/python experiments/sst2_demo.py
+
+demo-tiny: $(STAMP)
 	$(BIN)/python experiments/tiny_llama_demo.py
 
 bench: $(STAMP)
 	$(BIN)/python experiments/bench_core.py
+
+reproduce: $(STAMP)
+	$(BIN)/python experiments/sst2_claim.py
 
 clean:
 	rm -rf $(VENV) runs

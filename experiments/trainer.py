@@ -17,7 +17,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -149,62 +149,121 @@ def _atomic_write(path: Path, write) -> None:
     raise
 
 
-def save_adapter(out_dir: Path, clf: Classifier, trainable: Any, cfg: TrainConfig) -> Path:
-  """``adapter.safetensors`` (pools + head) and ``adapter_config.json``."""
+def save_adapter(out_dir: Path, adapter: mos_jax.Adapter | None, trainable: Any, cfg: TrainConfig) -> Path:
+  """``adapter.safetensors`` (all trainable leaves) and ``adapter_config.json``."""
   flat = {f"{'/'.join(str(getattr(k, 'key', k)) for k in path)}": np.asarray(leaf)
           for path, leaf in jax.tree_util.tree_flatten_with_path(trainable)[0]}
   _atomic_write(out_dir / "adapter.safetensors", lambda p: save_file(flat, p))
   meta = {"train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "mos"},
           "mos": dataclasses.asdict(cfg.mos) if cfg.mos else None,
           "routing_version": mos_jax.ROUTING_VERSION,
-          "groups": [g.name for g in clf.adapter.routing.groups] if clf.adapter else []}
+          "groups": [g.name for g in adapter.routing.groups] if adapter else []}
   _atomic_write(out_dir / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
   return out_dir / "adapter.safetensors"
 
 
 def plot_curves(metrics: list[dict], path: Path, title: str) -> None:
+  """Training loss (raw and smoothed) and the evaluation metric per step, as a PNG."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  train = [m for m in metrics if "loss" in m]
-  evals = [m for m in metrics if "eval_accuracy" in m]
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-  steps, losses = [m["step"] for m in train], np.array([m["loss"] for m in train])
+  steps = [m["step"] for m in metrics]
+  losses = np.array([m["loss"] for m in metrics])
   ema = np.copy(losses)
   for i in range(1, len(ema)):
     ema[i] = 0.9 * ema[i - 1] + 0.1 * losses[i]
+  eval_key = next((k for k in ("eval_accuracy", "eval_loss") if any(k in m for m in metrics)), None)
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
   ax1.plot(steps, losses, lw=0.6, alpha=0.4, label="loss")
   ax1.plot(steps, ema, lw=1.5, label="EMA 0.9")
   ax1.legend()
   ax1.set(xlabel="step", ylabel="train loss", title=title)
-  ax2.plot([m["step"] for m in evals], [m["eval_accuracy"] for m in evals], "o-")
-  ax2.set(xlabel="step", ylabel="eval accuracy", title="evaluation")
+  if eval_key:
+    evals = [m for m in metrics if eval_key in m]
+    ax2.plot([m["step"] for m in evals], [m[eval_key] for m in evals], "o-")
+  ax2.set(xlabel="step", ylabel=eval_key or "", title="evaluation")
   fig.tight_layout()
   _atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
   plt.close(fig)
 
 
-def train(model: Any, params: Any, train_data: Dataset, eval_data: Dataset, cfg: TrainConfig,
-          *, name: str = "run") -> dict[str, Any]:
-  """Fine-tunes and evaluates; writes metrics.jsonl, curves.png and the adapter to cfg.out_dir.
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                     optax.adamw(schedule(cfg), weight_decay=cfg.weight_decay))
+
+
+def fit(loss_fn: Callable[..., jax.Array], trainable: Any, params: Any,
+        next_batch: Callable[[int], tuple[Any, int]], cfg: TrainConfig, *,
+        evaluate: Callable[[Any], dict[str, float]], name: str = "run") -> dict[str, Any]:
+  """The training loop shared by the experiments.
+
+  Args:
+    loss_fn: ``loss_fn(trainable, params, batch, dropout_rng) -> scalar``; only
+      ``trainable`` is differentiated, ``params`` (the frozen base) is a constant input.
+    trainable: initial trainable pytree (pools, head, ...).
+    params: the frozen base params; never updated.
+    next_batch: ``next_batch(step) -> (batch, examples in it)``, deterministic.
+    cfg: optimizer, schedule, steps, evaluation period, seed, output folder.
+    evaluate: ``evaluate(trainable) -> {"eval_...": value}``, run every
+      ``cfg.eval_every`` steps and after the last.
+    name: label of the progress bar and the plot.
 
   Returns:
-    ``{"metrics", "final_accuracy", "trainable", "step_seconds", "trainable_state", "paths"}``.
+    ``{"trainable", "metrics", "step_seconds", "metrics_path", "plot_path"}``; the
+    step time is the median after the first steps (which include compilation).
+  """
+  out_dir = Path(cfg.out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  optimizer = make_optimizer(cfg)
+
+  @jax.jit
+  def step(trainable, opt_state, params, batch, rng):
+    loss, grads = jax.value_and_grad(loss_fn)(trainable, params, batch, rng)
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
+
+  trainable = jax.tree_util.tree_map(jnp.array, trainable)
+  opt_state = optimizer.init(trainable)
+  dropout_key = jax.random.key(cfg.seed + 1)
+  lr_at = schedule(cfg)
+  metrics: list[dict] = []
+  step_times = []
+  metrics_path = out_dir / "metrics.jsonl"
+  bar = tqdm(range(1, cfg.steps + 1), desc=name, disable=not cfg.progress, dynamic_ncols=True)
+  with open(metrics_path, "w") as log:
+    for i in bar:
+      batch, n = next_batch(i)
+      start = time.perf_counter()
+      trainable, opt_state, loss = step(trainable, opt_state, params, batch, jax.random.fold_in(dropout_key, i))
+      loss = float(loss)
+      step_times.append(time.perf_counter() - start)
+      if not np.isfinite(loss):
+        raise FloatingPointError(f"{name}: loss became {loss} at step {i}; lower lr or use float32.")
+      row = {"step": i, "loss": loss, "lr": float(lr_at(i - 1)), "examples_per_s": n / step_times[-1]}
+      if i % cfg.eval_every == 0 or i == cfg.steps:
+        row.update(evaluate(trainable))
+      metrics.append(row)
+      log.write(json.dumps(row) + "\n")
+      bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k == "loss" or k.startswith("eval_")}
+                      | {"ex/s": f"{row['examples_per_s']:.0f}"})
+  plot_curves(metrics, out_dir / "curves.png", name)
+  steady = step_times[len(cfg.length_buckets) + 2:] or step_times
+  return {"trainable": trainable, "metrics": metrics, "step_seconds": float(np.median(steady)),
+          "metrics_path": metrics_path, "plot_path": out_dir / "curves.png"}
+
+
+def train(model: Any, params: Any, train_data: Dataset, eval_data: Dataset, cfg: TrainConfig,
+          *, name: str = "run") -> dict[str, Any]:
+  """Fine-tunes a classifier; writes metrics.jsonl, curves.png and the adapter to cfg.out_dir.
+
+  Returns:
+    ``{"metrics", "final_accuracy", "trainable", "step_seconds", "trainable_state",
+    "adapter", "paths"}``.
   """
   check_dataset(train_data, cfg.num_classes, "train")
   check_dataset(eval_data, cfg.num_classes, "eval")
   clf = Classifier(model, params, cfg)
-  out_dir = Path(cfg.out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  optimizer = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
-                          optax.adamw(schedule(cfg), weight_decay=cfg.weight_decay))
-
-  @jax.jit
-  def step(trainable, opt_state, params, inputs, labels, rng):
-    loss, grads = jax.value_and_grad(clf.loss)(trainable, params, inputs, labels, rng)
-    updates, opt_state = optimizer.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, loss
 
   @jax.jit
   def evaluate_batch(trainable, params, inputs, labels):
@@ -212,51 +271,31 @@ def train(model: Any, params: Any, train_data: Dataset, eval_data: Dataset, cfg:
     return ((logits.argmax(-1) == labels).sum(),
             optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum())
 
-  def evaluate(trainable) -> tuple[float, float]:
+  def evaluate(trainable) -> dict[str, float]:
     correct = total_loss = 0.0
     for i in range(0, len(eval_data), cfg.eval_batch_size):
       inputs = _trim({k: v[i:i + cfg.eval_batch_size] for k, v in eval_data.inputs.items()}, cfg.length_buckets)
       c, l = evaluate_batch(trainable, params, inputs, eval_data.labels[i:i + cfg.eval_batch_size])
       correct, total_loss = correct + float(c), total_loss + float(l)
-    return correct / len(eval_data), total_loss / len(eval_data)
+    return {"eval_accuracy": correct / len(eval_data), "eval_loss": total_loss / len(eval_data)}
 
-  trainable = jax.tree_util.tree_map(jnp.array, clf.init_trainable)
-  opt_state = optimizer.init(trainable)
   rng = np.random.default_rng(cfg.seed)
-  order, cursor = rng.permutation(len(train_data)), 0
-  dropout_key = jax.random.key(cfg.seed + 1)
-  lr_at = schedule(cfg)
-  metrics: list[dict] = []
-  metrics_path = out_dir / "metrics.jsonl"
-  step_times = []
-  bar = tqdm(range(1, cfg.steps + 1), desc=name, disable=not cfg.progress, dynamic_ncols=True)
-  with open(metrics_path, "w") as log:
-    for i in bar:
-      if cursor + cfg.batch_size > len(order):
-        order, cursor = rng.permutation(len(train_data)), 0
-      idx = order[cursor:cursor + cfg.batch_size]
-      cursor += cfg.batch_size
-      inputs = _trim({k: v[idx] for k, v in train_data.inputs.items()}, cfg.length_buckets)
-      start = time.perf_counter()
-      trainable, opt_state, loss = step(trainable, opt_state, params, inputs, train_data.labels[idx],
-                                        jax.random.fold_in(dropout_key, i))
-      loss = float(loss)
-      step_times.append(time.perf_counter() - start)
-      row = {"step": i, "loss": loss, "lr": float(lr_at(i - 1)),
-             "examples_per_s": len(idx) / step_times[-1]}
-      if not np.isfinite(loss):
-        raise FloatingPointError(f"{name}: loss became {loss} at step {i}; lower lr or use float32.")
-      if i % cfg.eval_every == 0 or i == cfg.steps:
-        row["eval_accuracy"], row["eval_loss"] = evaluate(trainable)
-      metrics.append(row)
-      log.write(json.dumps(row) + "\n")
-      bar.set_postfix(loss=f"{loss:.3f}", ex_s=f"{row['examples_per_s']:.0f}",
-                      acc=f"{metrics[-1].get('eval_accuracy', float('nan')):.3f}" if "eval_accuracy" in row else "")
-  plot_curves(metrics, out_dir / "curves.png", name)
-  adapter_path = save_adapter(out_dir, clf, trainable, cfg)
-  # The first steps of each sequence-length bucket include compilation.
-  steady = step_times[len(cfg.length_buckets) + 2:] or step_times
-  return {"metrics": metrics, "final_accuracy": metrics[-1]["eval_accuracy"],
-          "trainable": clf.trainable_count(), "step_seconds": float(np.median(steady)),
-          "trainable_state": trainable, "adapter": clf.adapter,
-          "paths": {"metrics": metrics_path, "plot": out_dir / "curves.png", "adapter": adapter_path}}
+  epoch = {"order": rng.permutation(len(train_data)), "cursor": 0}
+
+  def next_batch(step: int) -> tuple[Any, int]:
+    if epoch["cursor"] + cfg.batch_size > len(train_data):
+      epoch["order"], epoch["cursor"] = rng.permutation(len(train_data)), 0
+    idx = epoch["order"][epoch["cursor"]:epoch["cursor"] + cfg.batch_size]
+    epoch["cursor"] += cfg.batch_size
+    inputs = _trim({k: v[idx] for k, v in train_data.inputs.items()}, cfg.length_buckets)
+    return {"inputs": inputs, "labels": train_data.labels[idx]}, len(idx)
+
+  def loss_fn(trainable, params, batch, rng):
+    return clf.loss(trainable, params, batch["inputs"], batch["labels"], rng)
+
+  result = fit(loss_fn, clf.init_trainable, params, next_batch, cfg, evaluate=evaluate, name=name)
+  adapter_path = save_adapter(Path(cfg.out_dir), clf.adapter, result["trainable"], cfg)
+  return {"metrics": result["metrics"], "final_accuracy": result["metrics"][-1]["eval_accuracy"],
+          "trainable": clf.trainable_count(), "step_seconds": result["step_seconds"],
+          "trainable_state": result["trainable"], "adapter": clf.adapter,
+          "paths": {"metrics": result["metrics_path"], "plot": result["plot_path"], "adapter": adapter_path}}

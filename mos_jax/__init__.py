@@ -3,7 +3,9 @@
 from mos_jax._adapter import Adapter, adapt, dry_run, summary, trainable_count
 from mos_jax._assemble import Factors, assemble, layer_factors
 from mos_jax._config import BERT_TARGETS, LLAMA_TARGETS, MoSConfig
+from mos_jax._generate import generate
 from mos_jax._inject import inject, low_rank_term
+from mos_jax._memory import AdapterCost, MemoryEstimate, estimate_memory, param_shapes
 from mos_jax._merge import delta_weight, merge, unmerge
 from mos_jax._pools import Pools, init_pools, pool_shapes
 from mos_jax._routing import ROUTING_VERSION, Routing, make_routing
@@ -13,9 +15,9 @@ from mos_jax._train import adapted_loss, make_train_step
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "BERT_TARGETS", "Factors", "Group", "LLAMA_TARGETS", "MoSConfig", "Pools",
+    "Adapter", "AdapterCost", "BERT_TARGETS", "Factors", "Group", "LLAMA_TARGETS", "MemoryEstimate", "MoSConfig", "Pools",
     "ROUTING_VERSION", "Routing", "adapt", "adapted_loss", "assemble", "delta_weight",
-    "dry_run", "find_groups", "init_pools", "inject", "layer_factors", "low_rank_term",
-    "make_routing", "make_train_step", "merge", "pool_shapes", "summary", "trainable_count",
+    "dry_run", "estimate_memory", "find_groups", "generate", "init_pools", "inject", "layer_factors", "low_rank_term",
+    "make_routing", "make_train_step", "merge", "param_shapes", "pool_shapes", "summary", "trainable_count",
     "unmerge",
 ]

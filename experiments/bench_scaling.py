@@ -1,0 +1,98 @@
+"""Sharded MoS train-step time versus device count (strong scaling at a fixed global batch).
+
+For each device count n (each in a fresh process, since JAX fixes the device count at start)
+the same small Llama + MoS step runs data-parallel on an (n, 1, 1) mesh and FSDP on a (1, n, 1)
+mesh; the table gives the median step time and the scaling efficiency t(1) / (n * t(n)).
+On CPU the "devices" share the host's cores, so this measures the sharding machinery's
+overhead, not speed-up; on a GPU/TPU host it measures real scaling.
+
+    .venv/bin/python experiments/bench_scaling.py [--devices 1 2 4 8] [--quick] [--out JSON]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "results" / "bench_scaling.json"
+
+
+def worker(n: int, mode: str, quick: bool) -> dict:
+  import jax
+  jax.config.update("jax_num_cpu_devices", n)  # only the CPU backend reads it; must precede any use
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from transformers import FlaxLlamaForCausalLM, LlamaConfig
+
+  import mos_jax
+  hidden, layers, batch, seq = (64, 8, 8, 32) if quick else (256, 8, 16, 128)
+  with jax.numpy_rank_promotion("allow"):
+    model = FlaxLlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=2 * hidden,
+                                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2),
+                                 seed=0)
+  devices = jax.devices()[:n]
+  mesh = mos_jax.make_mesh(mos_jax.MeshConfig(data=n, fsdp=1) if mode == "data" else
+                           mos_jax.MeshConfig(data=1, fsdp=n), devices)
+  adapter = mos_jax.adapt(model.params, mos_jax.MoSConfig(rank=8, equivalent_rank=1, shards_per_vector=2))
+  ps = mos_jax.base_shardings(model.params, mesh, fsdp_min_size=0)
+  qs = mos_jax.pool_shardings(adapter.routing, mesh)
+  bs = mos_jax.batch_sharding(mesh)
+  optimizer = optax.adamw(1e-3)
+  params, pools = jax.device_put(model.params, ps), jax.device_put(adapter.pools, qs)
+  opt_state, os_ = mos_jax.init_opt_state(optimizer, pools, mesh)
+
+  def loss_fn(params, ids):
+    with jax.numpy_rank_promotion("allow"):
+      logits = model(ids[:, :-1], params=params).logits
+    return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+  step = mos_jax.make_sharded_train_step(loss_fn, adapter.routing, optimizer, params_sharding=ps,
+                                         pools_sharding=qs, opt_state_sharding=os_, batch_sharding=bs)
+  ids = jax.device_put(jnp.asarray(np.random.default_rng(0).integers(0, 1024, (batch, seq)), jnp.int32), bs)
+  key = jax.random.key(0)
+  pools, opt_state, loss = step(pools, opt_state, params, ids, key)  # compile
+  jax.block_until_ready(loss)
+  times = []
+  for _ in range(3 if quick else 10):
+    t = time.perf_counter()
+    pools, opt_state, loss = step(pools, opt_state, params, ids, key)
+    jax.block_until_ready(loss)
+    times.append(time.perf_counter() - t)
+  return {"devices": n, "mode": mode, "step_s": float(np.median(times)), "loss": float(loss),
+          "backend": jax.default_backend(), "device_kind": devices[0].device_kind}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--out", type=Path, default=OUT)
+  parser.add_argument("--worker", nargs=2, metavar=("N", "MODE"), help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.worker:
+    print(json.dumps(worker(int(args.worker[0]), args.worker[1], args.quick)))
+    return
+  rows = []
+  for mode in ("data", "fsdp"):
+    for n in args.devices:
+      cmd = [sys.executable, __file__, "--worker", str(n), mode] + (["--quick"] if args.quick else [])
+      out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+      rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+  print(f"{'mesh':<6} {'devices':>7} {'step ms':>9} {'efficiency':>10}  ({rows[0]['backend']}, {rows[0]['device_kind']})")
+  for row in rows:
+    base = next(r for r in rows if r["mode"] == row["mode"] and r["devices"] == args.devices[0])
+    row["efficiency"] = base["step_s"] * base["devices"] / (row["devices"] * row["step_s"])
+    print(f"{row['mode']:<6} {row['devices']:>7} {1000 * row['step_s']:>9.1f} {row['efficiency']:>10.2f}")
+  args.out.parent.mkdir(parents=True, exist_ok=True)
+  args.out.write_text(json.dumps({"rows": rows, "quick": args.quick}, indent=2))
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

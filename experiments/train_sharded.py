@@ -1,0 +1,203 @@
+"""MoS training on a device mesh, single- or multi-host: the entry point the tpu/ scripts launch.
+
+A config file (big_vision style: a Python file defining ``CONFIG = RunConfig(...)``) sets the
+model, the MoS adapter, the (data, fsdp, tensor) mesh and the run. The frozen base is
+FSDP/tensor-sharded by rule, pools replicated, batches split over data x fsdp, and the step is
+`jax.jit` with explicit in/out shardings and donated pools/optimizer state. Each process builds
+only its own rows of the global batch. Checkpoints (Orbax) every `checkpoint_every` steps and
+on SIGTERM (preemption), and resume from the latest one.
+
+    .venv/bin/python experiments/train_sharded.py --config experiments/configs/tiny_sharded.py --workdir runs/sharded
+    # several processes (one per host): add --coordinator HOST:PORT --num-processes N --process-id I
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A random Llama of this shape (when `RunConfig.hf_model` is not set)."""
+
+  hidden: int = 64
+  intermediate: int = 128
+  layers: int = 4
+  heads: int = 4
+  kv_heads: int = 2
+  vocab: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  mos: "MoSConfig"
+  mesh: "MeshConfig"
+  model: ModelConfig = ModelConfig()
+  hf_model: str | None = None
+  global_batch: int = 8
+  seq_len: int = 32
+  steps: int = 10
+  lr: float = 1e-3
+  warmup_frac: float = 0.0
+  clip_norm: float = 1.0
+  compute_dtype: str = "float32"
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 2
+  fsdp_min_size: int = 0
+  seed: int = 0
+
+
+def load_config(path: str) -> RunConfig:
+  # Config files import RunConfig from this module; run as a script it is __main__.
+  sys.modules.setdefault("train_sharded", sys.modules[__name__])
+  spec = importlib.util.spec_from_file_location("run_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not isinstance(getattr(module, "CONFIG", None), RunConfig):
+    raise ValueError(f"{path} must define CONFIG = RunConfig(...).")
+  return module.CONFIG
+
+
+def token_rows(seed: int, step: int, start: int, stop: int, seq_len: int, vocab: int) -> np.ndarray:
+  """Rows ``start:stop`` of step ``step``'s global batch: arithmetic sequences mod vocab.
+
+  Each row depends only on (seed, step, row), so any process can build any rows.
+  """
+  rows = []
+  for r in range(start, stop):
+    rng = np.random.default_rng([seed, step, r])
+    first, stride = rng.integers(0, vocab), rng.integers(1, 5)
+    rows.append((first + stride * np.arange(seq_len)) % vocab)
+  return np.asarray(rows, np.int32)
+
+
+def build_model(cfg: RunConfig):
+  import jax
+  import jax.numpy as jnp
+  from transformers import FlaxLlamaForCausalLM, LlamaConfig
+
+  dtype = jnp.dtype(cfg.compute_dtype)
+  with jax.numpy_rank_promotion("allow"):
+    if cfg.hf_model:
+      local = Path(cfg.hf_model).is_dir()
+      has_flax = local and (Path(cfg.hf_model) / "flax_model.msgpack").exists()
+      return FlaxLlamaForCausalLM.from_pretrained(cfg.hf_model, from_pt=not has_flax, dtype=dtype,
+                                                  local_files_only=local)
+    m = cfg.model
+    return FlaxLlamaForCausalLM(LlamaConfig(
+        vocab_size=m.vocab, hidden_size=m.hidden, intermediate_size=m.intermediate, num_hidden_layers=m.layers,
+        num_attention_heads=m.heads, num_key_value_heads=m.kv_heads, max_position_embeddings=max(64, cfg.seq_len)),
+        seed=cfg.seed, dtype=dtype)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", required=True)
+  parser.add_argument("--workdir", required=True, help="checkpoints and metrics (shared storage on pods)")
+  parser.add_argument("--steps", type=int, default=None, help="override CONFIG.steps")
+  parser.add_argument("--coordinator", default=None)
+  parser.add_argument("--num-processes", type=int, default=None)
+  parser.add_argument("--process-id", type=int, default=None)
+  parser.add_argument("--cpu-devices", type=int, default=None, help="CPU devices per process (tests)")
+  args = parser.parse_args(argv)
+
+  import jax
+  if args.cpu_devices:
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+  import mos_jax
+  from mos_jax import distributed
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+
+  import jax.numpy as jnp
+  import optax
+  import orbax.checkpoint as ocp
+
+  cfg = load_config(args.config)
+  if args.steps is not None:
+    cfg = dataclasses.replace(cfg, steps=args.steps)
+  main_process = distributed.is_main_process()
+  from etils import epath  # local paths and gs:// buckets alike (pods share a bucket)
+  workdir = epath.Path(args.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  model = build_model(cfg)
+  mesh = mos_jax.make_mesh(cfg.mesh)
+  params_sharding = mos_jax.base_shardings(model.params, mesh, fsdp_min_size=cfg.fsdp_min_size)
+  params = jax.device_put(model.params, params_sharding)
+  adapter = mos_jax.adapt(model.params, cfg.mos)
+  pools_sharding = mos_jax.pool_shardings(adapter.routing, mesh)
+  pools = jax.device_put(adapter.pools, pools_sharding)
+  warmup = max(1, int(cfg.warmup_frac * cfg.steps))
+  schedule = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup),
+                                   optax.linear_schedule(cfg.lr, 0.0, max(1, cfg.steps - warmup))], [warmup])
+  optimizer = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adamw(schedule))
+  opt_state, opt_sharding = mos_jax.init_opt_state(optimizer, pools, mesh)
+  batch_sharding = mos_jax.batch_sharding(mesh)
+
+  def loss_fn(params, batch):
+    with jax.numpy_rank_promotion("allow"):
+      logits = model(batch[:, :-1], params=params).logits
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch[:, 1:]).mean()
+
+  step_fn = mos_jax.make_sharded_train_step(loss_fn, adapter.routing, optimizer, params_sharding=params_sharding,
+                                            pools_sharding=pools_sharding, opt_state_sharding=opt_sharding,
+                                            batch_sharding=batch_sharding)
+  manager = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
+      max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=True))
+  start = 0
+  if manager.latest_step() is not None:
+    start = manager.latest_step()
+    abstract = {"pools": jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), pools),
+                "opt_state": jax.tree_util.tree_map(
+                    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), opt_state)}
+    restored = manager.restore(start, args=ocp.args.StandardRestore(abstract))
+    pools, opt_state = restored["pools"], restored["opt_state"]
+    if main_process:
+      print(f"resumed from step {start}", flush=True)
+
+  stop = {"requested": False}
+  signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))  # preemption notice
+  dropout_key = jax.random.key(cfg.seed + 1)
+  metrics = (workdir / "metrics.jsonl").open("a") if main_process else None
+  step = start
+  while step < cfg.steps and not stop["requested"]:
+    batch = distributed.global_batch(
+        batch_sharding, (cfg.global_batch, cfg.seq_len),
+        lambda a, b, s=step: token_rows(cfg.seed, s, a, b, cfg.seq_len, model.config.vocab_size))
+    t0 = time.perf_counter()
+    pools, opt_state, loss = step_fn(pools, opt_state, params, batch, jax.random.fold_in(dropout_key, step))
+    loss = float(loss)
+    step += 1
+    if main_process:
+      metrics.write(json.dumps({"step": step, "loss": loss, "seconds": time.perf_counter() - t0}) + "\n")
+      metrics.flush()
+      print(f"step {step} loss {loss:.6f}", flush=True)
+    if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop["requested"]:
+      manager.save(step, args=ocp.args.StandardSave({"pools": pools, "opt_state": opt_state}))
+  manager.wait_until_finished()
+  if metrics:
+    metrics.close()
+  if stop["requested"] and main_process:
+    print(f"SIGTERM: saved step {step}, exiting for a later resume", flush=True)
+  from jax.experimental import multihost_utils
+  gathered = multihost_utils.process_allgather(pools, tiled=True)
+  if main_process:
+    with (workdir / "final_pools.npz").open("wb") as f:
+      np.savez(f, **{f"{g}|{k}": np.asarray(v) for g, e in gathered.items() for k, v in e.items()})
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

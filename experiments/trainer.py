@@ -4,7 +4,8 @@ Trainable: the adapter's pools plus a linear head on the masked mean of the last
 states; the base params are a constant input of the jitted step. AdamW with warmup and
 linear or cosine decay, global-norm clipping, adapter dropout with a per-step key, a
 float32/bfloat16 compute switch, periodic evaluation, a tqdm bar, metrics as JSONL and
-a PNG of the curves. Deterministic given ``TrainConfig.seed``.
+a PNG of the curves. Deterministic given ``TrainConfig.seed``. Optional Orbax checkpoints
+(every N steps, on SIGTERM and at the end) from which a run resumes bit-exactly.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import dataclasses
 import inspect
 import json
 import os
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +30,7 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 import mos_jax
+from mos_jax._checkpoint import TrainCheckpointer, adapter_identity, tree_layout
 
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -51,6 +55,9 @@ class TrainConfig:
   seed: int = 0
   out_dir: str = "runs/demo"
   progress: bool = True
+  checkpoint_every: int = 0  # > 0: Orbax checkpoints in out_dir/checkpoints every N steps, on SIGTERM, at the end
+  keep_checkpoints: int = 3  # most recent checkpoints kept
+  resume: bool = False  # continue from the newest readable checkpoint (a fresh start if there is none)
 
   def __post_init__(self):
     if self.schedule not in ("linear", "cosine"):
@@ -59,6 +66,28 @@ class TrainConfig:
       raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
     if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1:
       raise ValueError("steps, batch_size and eval_every must be positive")
+    if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+      raise ValueError(f"checkpoint_every must be >= 0 and keep_checkpoints >= 1, got "
+                       f"{self.checkpoint_every} and {self.keep_checkpoints}")
+    if self.resume and not self.checkpoint_every:
+      raise ValueError("resume=True needs checkpoint_every > 0 (resuming a run that saves no checkpoints).")
+
+
+#: TrainConfig fields that do not change the trained values, so a resumed run may change them.
+RESUMABLE_CHANGES = ("out_dir", "progress", "eval_every", "eval_batch_size", "checkpoint_every",
+                     "keep_checkpoints", "resume")
+
+
+class Interrupted(SystemExit):
+  """Raised by :func:`fit` after SIGTERM, once the last finished step is checkpointed.
+
+  A ``SystemExit`` (status 143, as a process killed by SIGTERM), so an uncaught
+  one ends the program cleanly; rerun with ``resume=True`` to continue.
+  """
+
+  def __init__(self, step: int):
+    super().__init__(128 + signal.SIGTERM)
+    self.step = step
 
 
 @dataclasses.dataclass
@@ -188,6 +217,46 @@ def plot_curves(metrics: list[dict], path: Path, title: str) -> None:
   plt.close(fig)
 
 
+@contextlib.contextmanager
+def _sigterm_flag(*, enabled: bool) -> Iterator[threading.Event]:
+  """An event set by SIGTERM while the block runs (signals can only be caught in the main thread)."""
+  flag = threading.Event()
+  if not enabled or threading.current_thread() is not threading.main_thread():
+    yield flag
+    return
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+  try:
+    yield flag
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _checkpointer(cfg: TrainConfig, out_dir: Path, params: Any,
+                  routing: mos_jax.Routing | None) -> TrainCheckpointer:
+  identity = {"train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES},
+              "adapter": adapter_identity(routing) if routing is not None else None,
+              "base_model": tree_layout(params)}
+  return TrainCheckpointer(out_dir / "checkpoints", identity=identity, save_every=cfg.checkpoint_every,
+                           keep=cfg.keep_checkpoints)
+
+
+def _seek(next_batch: Callable, data_state: dict, step: int) -> None:
+  """Puts the data iterator where it was after ``step`` batches."""
+  if data_state["iterator"] is not None and hasattr(next_batch, "set_state"):
+    next_batch.set_state(data_state["iterator"])
+  else:
+    # A plain deterministic callable has no state to restore: replay its batches.
+    for i in range(1, step + 1):
+      next_batch(i)
+
+
+def _metrics_until(path: Path, step: int) -> list[dict]:
+  """The logged rows of steps <= ``step`` (later ones were lost with the interrupted run)."""
+  if not path.exists():
+    return []
+  return [row for row in map(json.loads, path.read_text().splitlines()) if row["step"] <= step]
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
                      optax.adamw(schedule(cfg), weight_decay=cfg.weight_decay))
@@ -195,23 +264,39 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 def fit(loss_fn: Callable[..., jax.Array], trainable: Any, params: Any,
         next_batch: Callable[[int], tuple[Any, int]], cfg: TrainConfig, *,
-        evaluate: Callable[[Any], dict[str, float]], name: str = "run") -> dict[str, Any]:
+        evaluate: Callable[[Any], dict[str, float]], name: str = "run",
+        routing: mos_jax.Routing | None = None) -> dict[str, Any]:
   """The training loop shared by the experiments.
+
+  With ``cfg.checkpoint_every > 0`` it saves (asynchronously, keeping the last
+  ``cfg.keep_checkpoints``) the trainable pytree, optimizer state, dropout key,
+  step and data position to ``out_dir/checkpoints`` every that many steps, at
+  the end, and after the current step on SIGTERM (then raises :class:`Interrupted`).
+  With ``cfg.resume`` it continues from the newest readable checkpoint, giving
+  the same values and losses as an uninterrupted run; a checkpoint of another
+  model, adapter or training config is refused with the differences listed.
 
   Args:
     loss_fn: ``loss_fn(trainable, params, batch, dropout_rng) -> scalar``; only
       ``trainable`` is differentiated, ``params`` (the frozen base) is a constant input.
     trainable: initial trainable pytree (pools, head, ...).
     params: the frozen base params; never updated.
-    next_batch: ``next_batch(step) -> (batch, examples in it)``, deterministic.
-    cfg: optimizer, schedule, steps, evaluation period, seed, output folder.
+    next_batch: ``next_batch(step) -> (batch, examples in it)``, deterministic. If
+      it has ``get_state() -> JSON`` and ``set_state(state)``, checkpoints store
+      that state; otherwise a resumed run replays its first batches.
+    cfg: optimizer, schedule, steps, evaluation period, seed, output folder, checkpoints.
     evaluate: ``evaluate(trainable) -> {"eval_...": value}``, run every
       ``cfg.eval_every`` steps and after the last.
     name: label of the progress bar and the plot.
+    routing: the adapter's routing, so checkpoints carry (and check) its identity.
 
   Returns:
     ``{"trainable", "metrics", "step_seconds", "metrics_path", "plot_path"}``; the
     step time is the median after the first steps (which include compilation).
+
+  Raises:
+    Interrupted: SIGTERM arrived; the last finished step is checkpointed.
+    FileExistsError: checkpoints exist but ``cfg.resume`` is off.
   """
   out_dir = Path(cfg.out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -230,8 +315,25 @@ def fit(loss_fn: Callable[..., jax.Array], trainable: Any, params: Any,
   metrics: list[dict] = []
   step_times = []
   metrics_path = out_dir / "metrics.jsonl"
-  bar = tqdm(range(1, cfg.steps + 1), desc=name, disable=not cfg.progress, dynamic_ncols=True)
-  with open(metrics_path, "w") as log:
+  with contextlib.ExitStack() as cleanup:
+    first, ckpt = 1, None
+    if cfg.checkpoint_every:
+      # Leaving the block closes the checkpointer, which waits for pending saves to commit.
+      ckpt = cleanup.enter_context(_checkpointer(cfg, out_dir, params, routing))
+      if ckpt.all_steps():
+        if not cfg.resume:
+          raise FileExistsError(f"{ckpt.directory} holds checkpoints of steps {ckpt.all_steps()}: pass "
+                                "resume=True to continue that run, or use a fresh out_dir.")
+        restored = ckpt.restore({"trainable": trainable, "opt_state": opt_state, "dropout_key": dropout_key})
+        trainable, opt_state, dropout_key = (restored.state[k] for k in ("trainable", "opt_state", "dropout_key"))
+        first = restored.step + 1
+        _seek(next_batch, restored.data_state, restored.step)
+        metrics = _metrics_until(metrics_path, restored.step)
+    sigterm = cleanup.enter_context(_sigterm_flag(enabled=ckpt is not None))
+    log = cleanup.enter_context(open(metrics_path, "w"))
+    log.writelines(json.dumps(row) + "\n" for row in metrics)
+    bar = tqdm(range(first, cfg.steps + 1), initial=first - 1, total=cfg.steps, desc=name,
+               disable=not cfg.progress, dynamic_ncols=True)
     for i in bar:
       batch, n = next_batch(i)
       start = time.perf_counter()
@@ -245,12 +347,47 @@ def fit(loss_fn: Callable[..., jax.Array], trainable: Any, params: Any,
         row.update(evaluate(trainable))
       metrics.append(row)
       log.write(json.dumps(row) + "\n")
+      log.flush()  # rows up to a checkpoint must survive a kill, for the resumed run to keep them
       bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k == "loss" or k.startswith("eval_")}
                       | {"ex/s": f"{row['examples_per_s']:.0f}"})
+      stop = sigterm.is_set()
+      if ckpt is not None and (stop or i == cfg.steps or ckpt.should_save(i)):
+        iterator = next_batch.get_state() if hasattr(next_batch, "get_state") else None
+        ckpt.save(i, {"trainable": trainable, "opt_state": opt_state, "dropout_key": dropout_key},
+                  data_state={"position": i, "iterator": iterator}, force=True)
+      if stop:
+        raise Interrupted(i)
   plot_curves(metrics, out_dir / "curves.png", name)
   steady = step_times[len(cfg.length_buckets) + 2:] or step_times
-  return {"trainable": trainable, "metrics": metrics, "step_seconds": float(np.median(steady)),
+  # A run resumed from its last step trains no further step, so it has no step time.
+  step_seconds = float(np.median(steady)) if steady else float("nan")
+  return {"trainable": trainable, "metrics": metrics, "step_seconds": step_seconds,
           "metrics_path": metrics_path, "plot_path": out_dir / "curves.png"}
+
+
+class ShuffledBatches:
+  """Batches of a fresh permutation per epoch; ``get_state``/``set_state`` let a resumed run continue it."""
+
+  def __init__(self, data: Dataset, cfg: TrainConfig):
+    self.data, self.cfg = data, cfg
+    self.rng = np.random.default_rng(cfg.seed)
+    self.order, self.cursor = self.rng.permutation(len(data)), 0
+
+  def __call__(self, step: int) -> tuple[Any, int]:
+    size = self.cfg.batch_size
+    if self.cursor + size > len(self.data):
+      self.order, self.cursor = self.rng.permutation(len(self.data)), 0
+    idx = self.order[self.cursor:self.cursor + size]
+    self.cursor += size
+    inputs = _trim({k: v[idx] for k, v in self.data.inputs.items()}, self.cfg.length_buckets)
+    return {"inputs": inputs, "labels": self.data.labels[idx]}, len(idx)
+
+  def get_state(self) -> dict[str, Any]:
+    return {"rng": self.rng.bit_generator.state, "order": self.order.tolist(), "cursor": self.cursor}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self.rng.bit_generator.state = state["rng"]
+    self.order, self.cursor = np.asarray(state["order"], np.int64), state["cursor"]
 
 
 def train(model: Any, params: Any, train_data: Dataset, eval_data: Dataset, cfg: TrainConfig,
@@ -279,21 +416,13 @@ def train(model: Any, params: Any, train_data: Dataset, eval_data: Dataset, cfg:
       correct, total_loss = correct + float(c), total_loss + float(l)
     return {"eval_accuracy": correct / len(eval_data), "eval_loss": total_loss / len(eval_data)}
 
-  rng = np.random.default_rng(cfg.seed)
-  epoch = {"order": rng.permutation(len(train_data)), "cursor": 0}
-
-  def next_batch(step: int) -> tuple[Any, int]:
-    if epoch["cursor"] + cfg.batch_size > len(train_data):
-      epoch["order"], epoch["cursor"] = rng.permutation(len(train_data)), 0
-    idx = epoch["order"][epoch["cursor"]:epoch["cursor"] + cfg.batch_size]
-    epoch["cursor"] += cfg.batch_size
-    inputs = _trim({k: v[idx] for k, v in train_data.inputs.items()}, cfg.length_buckets)
-    return {"inputs": inputs, "labels": train_data.labels[idx]}, len(idx)
+  next_batch = ShuffledBatches(train_data, cfg)
 
   def loss_fn(trainable, params, batch, rng):
     return clf.loss(trainable, params, batch["inputs"], batch["labels"], rng)
 
-  result = fit(loss_fn, clf.init_trainable, params, next_batch, cfg, evaluate=evaluate, name=name)
+  result = fit(loss_fn, clf.init_trainable, params, next_batch, cfg, evaluate=evaluate, name=name,
+               routing=clf.adapter.routing if clf.adapter else None)
   adapter_path = save_adapter(Path(cfg.out_dir), clf.adapter, result["trainable"], cfg)
   return {"metrics": result["metrics"], "final_accuracy": result["metrics"][-1]["eval_accuracy"],
           "trainable": clf.trainable_count(), "step_seconds": result["step_seconds"],

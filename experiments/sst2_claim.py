@@ -136,10 +136,14 @@ def plot(points, out: Path) -> None:
 
   if not points:
     return
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig, ax = plt.subplots(figsize=(10, 4.8))
+  seen: dict[int, int] = {}
   for name, n, mean, std in points:
-    ax.errorbar(max(n, 1), mean, yerr=0 if np.isnan(std) else std, fmt="o", capsize=3)
-    ax.annotate(name, (max(n, 1), mean), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    # Rows at the same budget are spread a little along x so their error bars stay visible.
+    k = seen.setdefault(n, 0)
+    seen[n] += 1
+    ax.errorbar(max(n, 1) * 1.06 ** k, mean, yerr=0 if np.isnan(std) else std, fmt="o", capsize=3, label=name)
+  ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
   ax.set(xscale="log", xlabel="trainable parameters (incl. 770 of the head)", ylabel="dev accuracy (%)",
          title="MiniLM-L6 on SST-2: accuracy vs trainable parameters")
   fig.tight_layout()

@@ -123,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
 
   import jax.numpy as jnp
   import optax
-  import orbax.checkpoint as ocp
 
   cfg = load_config(args.config)
   if args.steps is not None:
@@ -154,16 +153,15 @@ def main(argv: list[str] | None = None) -> int:
   step_fn = mos_jax.make_sharded_train_step(loss_fn, adapter.routing, optimizer, params_sharding=params_sharding,
                                             pools_sharding=pools_sharding, opt_state_sharding=opt_sharding,
                                             batch_sharding=batch_sharding)
-  manager = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
-      max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=True))
+  checkpoints = mos_jax.TrainCheckpointer(
+      workdir / "checkpoints", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
+      identity={"adapter": mos_jax.adapter_identity(adapter.routing),
+                "run": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("mos", "mesh", "steps", "checkpoint_every", "keep_checkpoints")}})
   start = 0
-  if manager.latest_step() is not None:
-    start = manager.latest_step()
-    abstract = {"pools": jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), pools),
-                "opt_state": jax.tree_util.tree_map(
-                    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), opt_state)}
-    restored = manager.restore(start, args=ocp.args.StandardRestore(abstract))
-    pools, opt_state = restored["pools"], restored["opt_state"]
+  if checkpoints.latest_step() is not None:
+    # Restores onto the live shardings, whatever mesh wrote the checkpoint.
+    restored = checkpoints.restore({"pools": pools, "opt_state": opt_state})
+    start, pools, opt_state = restored.step, restored.state["pools"], restored.state["opt_state"]
     if main_process:
       print(f"resumed from step {start}", flush=True)
 
@@ -171,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
   signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))  # preemption notice
   dropout_key = jax.random.key(cfg.seed + 1)
   metrics = (workdir / "metrics.jsonl").open("a") if main_process else None
-  step = start
+  step = last_saved = start
   while step < cfg.steps and not stop["requested"]:
     batch = distributed.global_batch(
         batch_sharding, (cfg.global_batch, cfg.seq_len),
@@ -184,9 +182,12 @@ def main(argv: list[str] | None = None) -> int:
       metrics.write(json.dumps({"step": step, "loss": loss, "seconds": time.perf_counter() - t0}) + "\n")
       metrics.flush()
       print(f"step {step} loss {loss:.6f}", flush=True)
-    if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop["requested"]:
-      manager.save(step, args=ocp.args.StandardSave({"pools": pools, "opt_state": opt_state}))
-  manager.wait_until_finished()
+    if checkpoints.save(step, {"pools": pools, "opt_state": opt_state}, force=step == cfg.steps):
+      last_saved = step
+  if stop["requested"] and last_saved != step:
+    # SIGTERM may land after this step's save decision: save it now, before exiting.
+    checkpoints.save(step, {"pools": pools, "opt_state": opt_state}, force=True)
+  checkpoints.wait()
   if metrics:
     metrics.close()
   if stop["requested"] and main_process:

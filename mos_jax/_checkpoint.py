@@ -13,6 +13,7 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from mos_jax._routing import Routing
 from mos_jax._targets import Group, path_str
@@ -232,7 +233,8 @@ class TrainCheckpointer:
                keep: int | None = 3, async_save: bool = True):
     if save_every < 1 or (keep is not None and keep < 1):
       raise ValueError(f"save_every ({save_every}) and keep ({keep}) must be >= 1 (keep may be None).")
-    self.directory = Path(directory).absolute()
+    # epath: local folders and gs:// buckets (pods checkpoint to shared storage) alike.
+    self.directory = epath.Path(directory).absolute()
     self._identity = _json(dict(identity))
     policies = ocp.checkpoint_managers
     self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(

@@ -99,7 +99,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path, reference):
     assert proc.returncode == 0, out[-3000:]
   assert "SIGTERM: saved step" in out
   saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-  assert saved and saved[-1] < 4
+  assert saved and saved[-1] < 4, (saved, out[-2000:])
   with processes([command(tmp_path, "--cpu-devices", "4")]) as procs:
     (out,) = finish(procs)
   assert f"resumed from step {saved[-1]}" in out

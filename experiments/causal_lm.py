@@ -8,6 +8,7 @@ length with an attention mask, so one compiled step serves the whole run.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -140,6 +141,19 @@ def train_lm(model: Any, params: Any, train_data: LMData, eval_data: LMData, cfg
     paths["adapter"] = save_adapter(result["metrics_path"].parent, adapter, result["trainable"], cfg)
   return {"metrics": result["metrics"], "trainable_state": result["trainable"], "adapter": adapter,
           "step_seconds": result["step_seconds"], "paths": paths}
+
+
+def load_causal_lm(name_or_path: str, *, allow_network: bool, dtype: Any) -> Any:
+  """A Flax Llama from a local HF folder (Flax msgpack or PyTorch safetensors) or, with network, the hub."""
+  from transformers import FlaxLlamaForCausalLM
+  local = Path(name_or_path).is_dir()
+  if not local and not allow_network:
+    raise FileNotFoundError(f"{name_or_path!r} is not a local folder; allow network access to load it "
+                            "from the hub.")
+  has_flax = local and (Path(name_or_path) / "flax_model.msgpack").exists()
+  with jax.numpy_rank_promotion("allow"):
+    return FlaxLlamaForCausalLM.from_pretrained(name_or_path, from_pt=not has_flax, dtype=dtype,
+                                                local_files_only=local)
 
 
 def left_pad_prompts(tokenizer: Any, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import mos_jax
-from causal_lm import decode_new, encode, left_pad_prompts, train_lm
+from causal_lm import decode_new, encode, left_pad_prompts, load_causal_lm, train_lm
 from trainer import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,15 +167,9 @@ def tiny_llama(tokenizer: Any, *, layers: int = 4, hidden: int = 128, logit_scal
 
 def load_pretrained(name_or_path: str, *, allow_network: bool, dtype: Any) -> tuple[Any, Any]:
   """A Flax Llama and its tokenizer from a local HF folder (PyTorch safetensors are fine) or the hub."""
-  from transformers import AutoTokenizer, FlaxLlamaForCausalLM
-  local = Path(name_or_path).is_dir()
-  if not local and not allow_network:
-    raise FileNotFoundError(f"{name_or_path!r} is not a local folder; pass --allow-network to load it "
-                            "from the hub.")
-  has_flax = local and (Path(name_or_path) / "flax_model.msgpack").exists()
-  model = FlaxLlamaForCausalLM.from_pretrained(name_or_path, from_pt=not has_flax, dtype=dtype,
-                                               local_files_only=local)
-  tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)
+  from transformers import AutoTokenizer
+  model = load_causal_lm(name_or_path, allow_network=allow_network, dtype=dtype)
+  tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=Path(name_or_path).is_dir())
   if tokenizer.pad_token_id is None:
     tokenizer.pad_token = tokenizer.eos_token
   return model, tokenizer

@@ -92,10 +92,8 @@ def build_model(cfg: RunConfig):
   dtype = jnp.dtype(cfg.compute_dtype)
   with jax.numpy_rank_promotion("allow"):
     if cfg.hf_model:
-      local = Path(cfg.hf_model).is_dir()
-      has_flax = local and (Path(cfg.hf_model) / "flax_model.msgpack").exists()
-      return FlaxLlamaForCausalLM.from_pretrained(cfg.hf_model, from_pt=not has_flax, dtype=dtype,
-                                                  local_files_only=local)
+      from causal_lm import load_causal_lm
+      return load_causal_lm(cfg.hf_model, allow_network=True, dtype=dtype)
     m = cfg.model
     return FlaxLlamaForCausalLM(LlamaConfig(
         vocab_size=m.vocab, hidden_size=m.hidden, intermediate_size=m.intermediate, num_hidden_layers=m.layers,

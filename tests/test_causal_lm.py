@@ -131,3 +131,13 @@ def test_generated_problems_are_consistent():
     numbers = [int(n) for n in re.findall(r"\d+", q)]
     expected = numbers[0] + numbers[1] if "buys" in q else numbers[0] - numbers[1]
     assert final_number(a) == str(expected)
+
+
+def test_load_causal_lm_from_a_local_folder(tokenizer, tmp_path):
+  from causal_lm import load_causal_lm
+  model = tiny_llama(tokenizer, layers=2, hidden=32)
+  model.save_pretrained(tmp_path)
+  loaded = load_causal_lm(str(tmp_path), allow_network=False, dtype=jnp.float32)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded.params, model.params)
+  with pytest.raises(FileNotFoundError, match="not a local folder"):
+    load_causal_lm(str(tmp_path / "missing"), allow_network=False, dtype=jnp.float32)

@@ -178,17 +178,27 @@ def _atomic_write(path: Path, write) -> None:
     raise
 
 
-def save_adapter(out_dir: Path, adapter: mos_jax.Adapter | None, trainable: Any, cfg: TrainConfig) -> Path:
-  """``adapter.safetensors`` (all trainable leaves) and ``adapter_config.json``."""
-  flat = {f"{'/'.join(str(getattr(k, 'key', k)) for k in path)}": np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(trainable)[0]}
-  _atomic_write(out_dir / "adapter.safetensors", lambda p: save_file(flat, p))
+def save_adapter(out_dir: Path, adapter: mos_jax.Adapter | None, pools: Any, cfg: TrainConfig, *,
+                 head: Any = None) -> Path | None:
+  """The native MoS adapter file, the head (if any) and the run's ``adapter_config.json``.
+
+  ``adapter.safetensors`` is :func:`mos_jax.save_mos_adapter`'s format (pools, routing,
+  config), so :func:`mos_jax.load_mos_adapter` reads it back; a classifier's head goes
+  to ``head.safetensors``. Returns the adapter file's path (``None`` without an adapter).
+  """
+  path = None
+  if adapter is not None:
+    path = mos_jax.save_mos_adapter(out_dir / "adapter.safetensors", pools, adapter.routing)
+  if head is not None:
+    flat = {"/".join(str(getattr(k, "key", k)) for k in key): np.asarray(leaf)
+            for key, leaf in jax.tree_util.tree_flatten_with_path(head)[0]}
+    _atomic_write(out_dir / "head.safetensors", lambda p: save_file(flat, p))
   meta = {"train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "mos"},
           "mos": dataclasses.asdict(cfg.mos) if cfg.mos else None,
           "routing_version": mos_jax.ROUTING_VERSION,
           "groups": [g.name for g in adapter.routing.groups] if adapter else []}
   _atomic_write(out_dir / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
-  return out_dir / "adapter.safetensors"
+  return path
 
 
 def plot_curves(metrics: list[dict], path: Path, title: str) -> None:
@@ -423,7 +433,8 @@ def train(model: Any, params: Any, train_data: Dataset, eval_data: Dataset, cfg:
 
   result = fit(loss_fn, clf.init_trainable, params, next_batch, cfg, evaluate=evaluate, name=name,
                routing=clf.adapter.routing if clf.adapter else None)
-  adapter_path = save_adapter(Path(cfg.out_dir), clf.adapter, result["trainable"], cfg)
+  adapter_path = save_adapter(Path(cfg.out_dir), clf.adapter, result["trainable"]["pools"], cfg,
+                              head=result["trainable"]["head"])
   return {"metrics": result["metrics"], "final_accuracy": result["metrics"][-1]["eval_accuracy"],
           "trainable": clf.trainable_count(), "step_seconds": result["step_seconds"],
           "trainable_state": result["trainable"], "adapter": clf.adapter,

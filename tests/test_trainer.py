@@ -91,3 +91,12 @@ def test_bad_data_fails_before_training(tiny_bert, tmp_path, mutate, message):
   with pytest.raises(ValueError, match=message):
     train(tiny_bert, tiny_bert.params, mutate(toy_data(16)), toy_data(8), cfg(tmp_path))
   assert not (tmp_path / "run").exists()
+
+
+def test_saved_adapter_loads_back_as_a_native_mos_adapter(tiny_bert, tmp_path):
+  import mos_jax
+  result = train(tiny_bert, tiny_bert.params, toy_data(16), toy_data(8, seed=1), cfg(tmp_path))
+  loaded = mos_jax.load_mos_adapter(result["paths"]["adapter"], params=tiny_bert.params)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.tree_util.tree_map(np.asarray, loaded.pools),
+                         jax.tree_util.tree_map(np.asarray, result["trainable_state"]["pools"]))
+  assert (tmp_path / "run" / "head.safetensors").exists()

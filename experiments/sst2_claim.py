@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import re
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-import mos_jax
 from mos_jax import BERT_TARGETS, MoSConfig
 
 HERE = Path(__file__).resolve().parent

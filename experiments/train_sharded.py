@@ -17,13 +17,16 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import os
 import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # imported at run time only after jax is configured (device count)
+  from mos_jax import MeshConfig, MoSConfig
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

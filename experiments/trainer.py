@@ -14,9 +14,7 @@ import contextlib
 import dataclasses
 import inspect
 import json
-import os
 import signal
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,6 +28,8 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 import mos_jax
+from mos_jax._io import atomic_file
+from mos_jax._targets import path_str
 from mos_jax._checkpoint import TrainCheckpointer, adapter_identity, tree_layout
 
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -166,18 +166,6 @@ class Classifier:
     return sum(x.size for x in jax.tree_util.tree_leaves(self.init_trainable))
 
 
-def _atomic_write(path: Path, write) -> None:
-  """Writes via a temp file in the same folder, then renames: never a half file."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 def save_adapter(out_dir: Path, adapter: mos_jax.Adapter | None, pools: Any, cfg: TrainConfig, *,
                  head: Any = None) -> Path | None:
   """The native MoS adapter file, the head (if any) and the run's ``adapter_config.json``.
@@ -190,14 +178,13 @@ def save_adapter(out_dir: Path, adapter: mos_jax.Adapter | None, pools: Any, cfg
   if adapter is not None:
     path = mos_jax.save_mos_adapter(out_dir / "adapter.safetensors", pools, adapter.routing)
   if head is not None:
-    flat = {"/".join(str(getattr(k, "key", k)) for k in key): np.asarray(leaf)
-            for key, leaf in jax.tree_util.tree_flatten_with_path(head)[0]}
-    _atomic_write(out_dir / "head.safetensors", lambda p: save_file(flat, p))
+    flat = {path_str(key): np.asarray(leaf) for key, leaf in jax.tree_util.tree_flatten_with_path(head)[0]}
+    atomic_file(out_dir / "head.safetensors", lambda p: save_file(flat, p))
   meta = {"train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "mos"},
           "mos": dataclasses.asdict(cfg.mos) if cfg.mos else None,
           "routing_version": mos_jax.ROUTING_VERSION,
           "groups": [g.name for g in adapter.routing.groups] if adapter else []}
-  _atomic_write(out_dir / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+  atomic_file(out_dir / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
   return path
 
 
@@ -223,7 +210,7 @@ def plot_curves(metrics: list[dict], path: Path, title: str) -> None:
     ax2.plot([m["step"] for m in evals], [m[eval_key] for m in evals], "o-")
   ax2.set(xlabel="step", ylabel=eval_key or "", title="evaluation")
   fig.tight_layout()
-  _atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
+  atomic_file(path, lambda p: fig.savefig(p, format="png", dpi=110))
   plt.close(fig)
 
 

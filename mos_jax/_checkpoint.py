@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -15,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from mos_jax._io import sha256_arrays
 from mos_jax._routing import Routing
 from mos_jax._targets import Group, path_str
 
@@ -68,13 +68,8 @@ def routing_digest(routing: Routing) -> str:
     >>> routing_digest(adapter.routing)[:12]  # doctest: +SKIP
     '3f1c0b9d2a77'
   """
-  h = hashlib.sha256()
-  for g in routing.groups:
-    for arr in (routing.index_a[g.name], routing.index_b[g.name]):
-      arr = np.ascontiguousarray(arr)
-      h.update(f"{g.name}|{arr.dtype}|{arr.shape}|".encode())
-      h.update(arr.tobytes())
-  return h.hexdigest()
+  return sha256_arrays((g.name, index) for g in routing.groups
+                       for index in (routing.index_a[g.name], routing.index_b[g.name]))
 
 
 def tree_layout(tree: Any) -> dict[str, list]:
@@ -168,12 +163,7 @@ def _digest(plain: Any) -> str | None:
   """SHA-256 of every leaf's path, dtype, shape and bytes; catches silently garbled files."""
   if jax.process_count() > 1:
     return None  # arrays are not fully addressable here; rely on Orbax's own read errors
-  h = hashlib.sha256()
-  for p, x in jax.tree_util.tree_flatten_with_path(plain)[0]:
-    arr = np.ascontiguousarray(np.asarray(x))
-    h.update(f"{path_str(p)}|{arr.dtype}|{arr.shape}|".encode())
-    h.update(arr.tobytes())
-  return h.hexdigest()
+  return sha256_arrays((path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(plain)[0])
 
 
 def _abstract(like: Any) -> Any:

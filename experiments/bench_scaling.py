@@ -6,7 +6,7 @@ mesh; the table gives the median step time and the scaling efficiency t(1) / (n 
 On CPU the "devices" share the host's cores, so this measures the sharding machinery's
 overhead, not speed-up; on a GPU/TPU host it measures real scaling.
 
-    .venv/bin/python experiments/bench_scaling.py [--devices 1 2 4 8] [--quick] [--out JSON]
+    .venv/bin/python -m experiments.bench_scaling [--devices 1 2 4 8] [--quick] [--out JSON]
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent / "results" / "bench_scaling.json"
+from experiments.lib.paths import REPO, RESULTS_DIR
+
+OUT = RESULTS_DIR / "bench_scaling.json"
 
 
 def worker(n: int, mode: str, quick: bool) -> dict:
@@ -28,40 +30,40 @@ def worker(n: int, mode: str, quick: bool) -> dict:
   import jax.numpy as jnp
   import numpy as np
   import optax
-  from transformers import FlaxLlamaForCausalLM, LlamaConfig
 
   import mos_jax
+  from mos_jax import parallel
+  from experiments.lib.models import random_llama
   hidden, layers, batch, seq = (64, 8, 8, 32) if quick else (256, 8, 16, 128)
-  with jax.numpy_rank_promotion("allow"):
-    model = FlaxLlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=2 * hidden,
-                                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2),
-                                 seed=0)
+  # max_positions: LlamaConfig's default (2048), as this benchmark always ran.
+  model = random_llama(vocab=1024, hidden=hidden, intermediate=2 * hidden, layers=layers, heads=4, kv_heads=2,
+                       max_positions=2048)
   devices = jax.devices()[:n]
-  mesh = mos_jax.make_mesh(mos_jax.MeshConfig(data=n, fsdp=1) if mode == "data" else
-                           mos_jax.MeshConfig(data=1, fsdp=n), devices)
+  mesh = parallel.make_mesh(parallel.MeshConfig(data=n, fsdp=1) if mode == "data" else
+                            parallel.MeshConfig(data=1, fsdp=n), devices)
   adapter = mos_jax.adapt(model.params, mos_jax.MoSConfig(rank=8, equivalent_rank=1, shards_per_vector=2))
-  ps = mos_jax.base_shardings(model.params, mesh, fsdp_min_size=0)
-  qs = mos_jax.pool_shardings(adapter.routing, mesh)
-  bs = mos_jax.batch_sharding(mesh)
+  ps = parallel.base_shardings(model.params, mesh, fsdp_min_size=0)
+  qs = parallel.pool_shardings(adapter, mesh)
+  bs = parallel.batch_sharding(mesh)
   optimizer = optax.adamw(1e-3)
-  params, pools = jax.device_put(model.params, ps), jax.device_put(adapter.pools, qs)
-  opt_state, os_ = mos_jax.init_opt_state(optimizer, pools, mesh)
+  params, adapter = jax.device_put(model.params, ps), jax.device_put(adapter, qs)
+  opt_state, os_ = parallel.init_opt_state(optimizer, adapter, mesh)
 
   def loss_fn(params, ids):
     with jax.numpy_rank_promotion("allow"):
       logits = model(ids[:, :-1], params=params).logits
     return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
-  step = mos_jax.make_sharded_train_step(loss_fn, adapter.routing, optimizer, params_sharding=ps,
-                                         pools_sharding=qs, opt_state_sharding=os_, batch_sharding=bs)
+  step = mos_jax.make_train_step(loss_fn, optimizer, trainable_sharding=qs, opt_state_sharding=os_,
+                                 params_sharding=ps, batch_sharding=bs)
   ids = jax.device_put(jnp.asarray(np.random.default_rng(0).integers(0, 1024, (batch, seq)), jnp.int32), bs)
   key = jax.random.key(0)
-  pools, opt_state, loss = step(pools, opt_state, params, ids, key)  # compile
+  adapter, opt_state, loss = step(adapter, opt_state, params, ids, key)  # compile
   jax.block_until_ready(loss)
   times = []
   for _ in range(3 if quick else 10):
     t = time.perf_counter()
-    pools, opt_state, loss = step(pools, opt_state, params, ids, key)
+    adapter, opt_state, loss = step(adapter, opt_state, params, ids, key)
     jax.block_until_ready(loss)
     times.append(time.perf_counter() - t)
   return {"devices": n, "mode": mode, "step_s": float(np.median(times)), "loss": float(loss),
@@ -81,8 +83,10 @@ def main() -> None:
   rows = []
   for mode in ("data", "fsdp"):
     for n in args.devices:
-      cmd = [sys.executable, __file__, "--worker", str(n), mode] + (["--quick"] if args.quick else [])
-      out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+      cmd = [sys.executable, "-m", "experiments.bench_scaling", "--worker", str(n), mode] + \
+          (["--quick"] if args.quick else [])
+      out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO,
+                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
       rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
   print(f"{'mesh':<6} {'devices':>7} {'step ms':>9} {'efficiency':>10}  ({rows[0]['backend']}, {rows[0]['device_kind']})")
   for row in rows:

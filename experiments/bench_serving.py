@@ -3,12 +3,13 @@
 On a small HF Flax Llama (GQA, all seven projections adapted) with a batch of
 ``--batch`` rows, where row ``b`` uses adapter ``b % K``:
 
-  mixed           one jitted forward over the whole batch with mos_jax's
-                  ``inject_multi`` (stacked pools, per-row gather of each
-                  layer's factors, batched rank-r products).
+  mixed           one jitted forward over the whole batch with
+                  ``mos_jax.linen.inject_multi`` (stacked pools, per-row gather
+                  of each layer's factors, batched rank-r products).
   one at a time   for each adapter, a jitted forward over its rows only with
-                  ``mos_jax.inject`` on factors assembled beforehand (the best
-                  case for swapping adapters: no assembly in the timed loop).
+                  its factors assembled beforehand and injected as they are
+                  (the best case for swapping adapters: no assembly in the
+                  timed loop).
   base            the frozen model alone on the whole batch (the floor).
 
 Throughput is tokens (rows x sequence length) per second, median over
@@ -20,8 +21,8 @@ files (native MoS safetensors vs the PEFT LoRA export of the same adapter).
 Results go to experiments/results/bench_serving.json (``--out``).
 
 Run (the default takes about two minutes on 2 CPU cores):
-  .venv/bin/python experiments/bench_serving.py
-  .venv/bin/python experiments/bench_serving.py --quick   # smoke run, seconds
+  .venv/bin/python -m experiments.bench_serving
+  .venv/bin/python -m experiments.bench_serving --quick   # smoke run, seconds
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-import benchlib
 import mos_jax
-from benchlib import tree_bytes
-from mos_jax._export import export_peft, save_mos_adapter
-from mos_jax._serving import inject_multi, stack_adapters
+from experiments.lib import bench
+from experiments.lib.bench import tree_bytes
+from mos_jax.core import stack_adapters
+from mos_jax.linen import inject_multi
 
 
 @dataclasses.dataclass
@@ -64,14 +65,14 @@ QUICK = Sizes(hidden=64, intermediate=128, layers=2, vocab=128, batch=8, seq=8, 
 
 
 def parse_args() -> argparse.Namespace:
-  return benchlib.bench_parser(__doc__, out_file="bench_serving.json",
+  return bench.bench_parser(__doc__, out_file="bench_serving.json",
                                quick_help="tiny model, 1/4/8 adapters, 2 repeats (smoke test)",
                                repeats_help="timed rounds per variant (default 9)").parse_args()
 
 
 def build(s: Sizes) -> tuple[Any, Any, list[mos_jax.Adapter]]:
   """The model and ``max(s.adapters)`` adapters with distinct seeds and non-zero pools."""
-  model = benchlib.build_llama(s)
+  model = bench.build_llama(s)
   rng = np.random.default_rng(0)
   adapters = []
   for k in range(max(s.adapters)):
@@ -79,7 +80,7 @@ def build(s: Sizes) -> tuple[Any, Any, list[mos_jax.Adapter]]:
     # Trained-looking pools: B is zero at initialisation, which would make every adapter the base.
     pools = jax.tree_util.tree_map(lambda x: (0.05 * rng.standard_normal(x.shape)).astype(np.float32),
                                    adapter.pools)
-    adapters.append(dataclasses.replace(adapter, pools=pools))
+    adapters.append(adapter.replace(pools=pools))
   return model, model.params, adapters
 
 
@@ -88,20 +89,20 @@ def mos_config(s: Sizes, *, seed: int) -> mos_jax.MoSConfig:
                            shards_per_vector=s.shards_per_vector, seed=seed)
 
 
-def median_seconds(variants: dict[str, Callable[[], Any]], repeats: int) -> dict[str, benchlib.Timing]:
+def median_seconds(variants: dict[str, Callable[[], Any]], repeats: int) -> dict[str, bench.Timing]:
   """Median (wall, process CPU) seconds per variant, timed round-robin after a warm-up (compilation).
 
   CPU time (all threads) is steadier than wall time on a machine shared with other jobs.
   """
   # Same order every round, as this benchmark's committed results were timed.
-  timings = benchlib.time_round_robin(list(variants.values()), repeats, alternate=False)
-  return {name: benchlib.median_timing(t) for name, t in zip(variants, timings)}
+  timings = bench.time_round_robin(list(variants.values()), repeats, alternate=False)
+  return {name: bench.median_timing(t) for name, t in zip(variants, timings)}
 
 
 def throughput(model: Any, params: Any, adapters: list[mos_jax.Adapter], s: Sizes) -> dict[str, Any]:
   input_ids = np.random.default_rng(1).integers(0, s.vocab, size=(s.batch, s.seq)).astype(np.int32)
   tokens = s.batch * s.seq
-  template = adapters[0].routing  # inject needs the groups and scale, shared by all adapters here
+  template = adapters[0]  # the groups and scale, shared by all adapters here
 
   @jax.jit
   def mixed(stack, ids, input_ids, params):
@@ -110,7 +111,7 @@ def throughput(model: Any, params: Any, adapters: list[mos_jax.Adapter], s: Size
 
   @jax.jit
   def one(factors, input_ids, params):
-    with mos_jax.inject(factors, template), jax.numpy_rank_promotion("allow"):
+    with mos_jax.inject(template, factors=factors), jax.numpy_rank_promotion("allow"):
       return model(input_ids, params=params).logits
 
   @jax.jit
@@ -118,7 +119,7 @@ def throughput(model: Any, params: Any, adapters: list[mos_jax.Adapter], s: Size
     with jax.numpy_rank_promotion("allow"):
       return model(input_ids, params=params).logits
 
-  factors = [jax.jit(mos_jax.assemble, static_argnums=1)(a.pools, a.routing) for a in adapters]
+  factors = [jax.jit(mos_jax.assemble)(a) for a in adapters]
   rows, base_times = [], []
   for k in s.adapters:
     if s.batch % k:
@@ -138,21 +139,20 @@ def throughput(model: Any, params: Any, adapters: list[mos_jax.Adapter], s: Size
                  "mixed_tokens_per_cpu_s": tokens / mixed_t.cpu_s,
                  "one_at_a_time_tokens_per_cpu_s": tokens / one_t.cpu_s,
                  "mixed_speedup_cpu": one_t.cpu_s / mixed_t.cpu_s})
-  base_median = benchlib.median_timing(base_times)
+  base_median = bench.median_timing(base_times)
   return {"rows": rows, "base_tokens_per_s": tokens / base_median.wall_s,
           "base_tokens_per_cpu_s": tokens / base_median.cpu_s}
 
 
 def memory(adapter: mos_jax.Adapter, s: Sizes, stacked_adapters: int) -> dict[str, Any]:
   """Bytes per adapter, in memory and on disk, MoS versus LoRA at the same active rank."""
-  groups = adapter.routing.groups
+  groups = adapter.groups
   per_rank = sum(g.num_layers * (g.d_in + g.d_out) for g in groups) * 4  # float32 bytes per unit of rank
   pools = tree_bytes(adapter.pools)
   routing = sum(adapter.routing.index_a[g.name].nbytes + adapter.routing.index_b[g.name].nbytes for g in groups)
   with tempfile.TemporaryDirectory() as tmp:
-    native = save_mos_adapter(Path(tmp) / "adapter.safetensors", adapter.pools, adapter.routing).stat().st_size
-    peft = (export_peft(Path(tmp) / "peft", adapter.pools, adapter.routing)
-            / "adapter_model.safetensors").stat().st_size
+    native = mos_jax.save_adapter(Path(tmp) / "adapter.safetensors", adapter).stat().st_size
+    peft = (mos_jax.export_peft(Path(tmp) / "peft", adapter) / "adapter_model.safetensors").stat().st_size
   stack = stack_adapters([adapter] * stacked_adapters)
   stacked = tree_bytes(stack)
   return {"mos_pools_bytes": pools, "mos_routing_bytes": routing, "mos_total_bytes": pools + routing,
@@ -187,16 +187,16 @@ def table(result: dict[str, Any]) -> str:
 
 def main() -> None:
   args = parse_args()
-  s = benchlib.sizes_from(args, Sizes(), QUICK)
+  s = bench.sizes_from(args, Sizes(), QUICK)
   model, params, adapters = build(s)
   result = {"sizes": dataclasses.asdict(s), "quick": args.quick,
             "mos_config": dataclasses.asdict(mos_config(s, seed=0)),
-            "device": benchlib.device_summary(),
+            "device": bench.device_summary(),
             "throughput": throughput(model, params, adapters, s),
             "memory": memory(adapters[0], s, stacked_adapters=max(s.adapters))}
   print(table(result))
   print()
-  benchlib.write_json(args.out, result)
+  bench.write_json(args.out, result)
 
 
 if __name__ == "__main__":

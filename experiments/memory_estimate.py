@@ -5,9 +5,9 @@ GiB for MoS, LoRA at the same active rank and LoRA at MoS's equivalent rank, on
 the model's shapes alone (jax.eval_shape: LLaMA2-13B takes about a second).
 
 Run:
-  .venv/bin/python experiments/memory_estimate.py --preset llama2-7b
-  .venv/bin/python experiments/memory_estimate.py --preset llama3.2-3b --rank 16 --equivalent-rank 2
-  .venv/bin/python experiments/memory_estimate.py --hf-config /path/to/model/config.json --json out.json
+  .venv/bin/python -m experiments.memory_estimate --preset llama2-7b
+  .venv/bin/python -m experiments.memory_estimate --preset llama3.2-3b --rank 16 --equivalent-rank 2
+  .venv/bin/python -m experiments.memory_estimate --hf-config /path/to/model/config.json --json out.json
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import transformers  # noqa: E402
 from transformers.models.auto import modeling_flax_auto  # noqa: E402
 
-from mos_jax import LLAMA_TARGETS, MoSConfig  # noqa: E402
-from mos_jax._memory import MemoryEstimate, estimate_memory, param_shapes  # noqa: E402
+from mos_jax.core import LLAMA_TARGETS, MemoryEstimate, MoSConfig, estimate_memory  # noqa: E402
+from mos_jax.hf import param_shapes  # noqa: E402
 
 #: Published hyper-parameters (the models' config.json files on the HF hub).
 PRESETS: dict[str, dict[str, Any]] = {

@@ -1,7 +1,7 @@
 """Preemption demo: SIGTERM a training process from outside, resume it, compare with an unbroken run.
 
 Three child processes fine-tune the same tiny random Llama with MoS through
-``causal_lm.train_lm`` (random token data, so nothing to download):
+``experiments.lib.lm.train_lm`` (random token data, so nothing to download):
 
   full      uninterrupted, no checkpoints;
   killed    checkpoints every ``--every`` steps; this script sends it SIGTERM once
@@ -16,8 +16,8 @@ file, and the same adapter exported as a PEFT LoRA adapter (LoRA at MoS's
 active rank). Exit status 0 iff the runs match.
 
 Run (about a minute on 2 CPU cores):
-  .venv/bin/python experiments/resume_demo.py
-  .venv/bin/python experiments/resume_demo.py --steps 200 --kill-after 120 --out runs/resume_demo
+  .venv/bin/python -m experiments.resume_demo
+  .venv/bin/python -m experiments.resume_demo --steps 200 --kill-after 120 --out runs/resume_demo
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import jax
 import numpy as np
 
 import mos_jax
+from experiments.lib.paths import REPO
 
 MOS = dict(rank=8, equivalent_rank=2, shards_per_vector=2, dropout=0.1)
 
@@ -50,16 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def child(args: argparse.Namespace) -> None:
-  """One training run; writes the final pools as a native adapter file."""
-  from transformers import FlaxLlamaForCausalLM, LlamaConfig
+  """One training run; writes the trained adapter as a native file and as a PEFT export."""
+  from experiments.lib.config import TrainConfig
+  from experiments.lib.lm import LMData, train_lm
+  from experiments.lib.models import random_llama
 
-  from causal_lm import LMData, train_lm
-  from trainer import TrainConfig
-
-  config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-  with jax.numpy_rank_promotion("allow"):
-    model = FlaxLlamaForCausalLM(config, seed=0)
+  model = random_llama(vocab=128, hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, max_positions=128)
   rng = np.random.default_rng(0)
   ids = rng.integers(0, 128, size=(64, 24)).astype(np.int32)
   mask = np.ones_like(ids)
@@ -70,15 +67,15 @@ def child(args: argparse.Namespace) -> None:
                     checkpoint_every=0 if args.child == "full" else args.every,
                     resume=args.child == "resumed")
   result = train_lm(model, model.params, data, data, cfg, name=args.child)
-  mos_jax.save_mos_adapter(Path(cfg.out_dir) / "final.safetensors", result["trainable_state"],
-                           result["adapter"].routing)
-  mos_jax.export_peft(Path(cfg.out_dir) / "peft", result["trainable_state"], result["adapter"].routing)
+  mos_jax.save_adapter(Path(cfg.out_dir) / "final.safetensors", result["adapter"])
+  mos_jax.export_peft(Path(cfg.out_dir) / "peft", result["adapter"])
 
 
 def spawn(args: argparse.Namespace, which: str) -> subprocess.Popen:
-  cmd = [sys.executable, __file__, "--child", which, "--steps", str(args.steps), "--every", str(args.every),
-         "--out", args.out]
-  return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  # As a module from the repository root; --out made absolute, so it names the same folder there.
+  cmd = [sys.executable, "-m", "experiments.resume_demo", "--child", which, "--steps", str(args.steps),
+         "--every", str(args.every), "--out", str(Path(args.out).resolve())]
+  return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
 
 
 def finish(proc: subprocess.Popen, which: str, expect: int = 0) -> None:
@@ -130,7 +127,7 @@ def compare(args: argparse.Namespace, out: Path, full: subprocess.Popen) -> None
   rows = {name: [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
           for name in ("full", "run")}
   same_losses = [r["loss"] for r in rows["full"]] == [r["loss"] for r in rows["run"]]
-  pools = {name: mos_jax.load_mos_adapter(out / name / "final.safetensors").pools for name in ("full", "run")}
+  pools = {name: mos_jax.load_adapter(out / name / "final.safetensors").pools for name in ("full", "run")}
   diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
              for a, b in zip(jax.tree_util.tree_leaves(pools["full"]), jax.tree_util.tree_leaves(pools["run"])))
   step_dir = out / "run" / "checkpoints" / str(args.steps)  # the final step is always saved

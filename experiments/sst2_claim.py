@@ -6,8 +6,8 @@ lr of the grid and keeps, per row, the lr with the best dev accuracy; phase 2 ru
 seeds at that lr. Each finished run is appended to the JSONL, so an interrupted run resumes
 where it stopped; `--report` turns the JSONL into the README table and the plot.
 
-    .venv/bin/python experiments/sst2_claim.py            # runs what is missing, then reports
-    .venv/bin/python experiments/sst2_claim.py --report   # table + plot from the JSONL only
+    .venv/bin/python -m experiments.sst2_claim            # runs what is missing, then reports
+    .venv/bin/python -m experiments.sst2_claim --report   # table + plot from the JSONL only
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mos_jax import BERT_TARGETS, MoSConfig
+from mos_jax import MoSConfig
+from mos_jax.core import BERT_TARGETS
+from experiments.lib.paths import REPO, RESULTS_DIR, default_data_dir
+from experiments.lib.plots import accuracy_vs_params
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results" / "sst2_claim.jsonl"
-README = HERE.parent / "README.md"
+RESULTS = RESULTS_DIR / "sst2_claim.jsonl"
+README = REPO / "README.md"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +64,16 @@ def load_results(path: Path) -> list[dict]:
 
 
 def run_missing(claim: ClaimConfig, data_dir: str | None, path: Path) -> None:
-  from minilm import load_minilm
-  from sst2_demo import DemoConfig, load_datasets
-  from trainer import TrainConfig, train
+  from experiments.lib.classification import train
+  from experiments.lib.config import TrainConfig
+  from experiments.lib.minilm import load_minilm
+  from experiments.lib.sentiment_data import load_datasets
+  from experiments.sst2_demo import DemoConfig
 
   model, tokenizer = load_minilm()
   demo = DemoConfig(max_train=claim.max_train, max_len=claim.max_len)
-  train_data, dev_data, source = load_datasets(data_dir, demo, tokenizer, allow_network=False)
+  train_data, dev_data, source = load_datasets(data_dir, tokenizer, max_len=demo.max_len, seed=demo.seed,
+                                               n_generated=demo.n_generated, max_train=demo.max_train)
   print(f"data: {source}: {len(train_data)} train / {len(dev_data)} dev")
   path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -123,30 +128,8 @@ def report(claim: ClaimConfig, path: Path) -> str:
                  f"{claim.seeds[0]} for every row alike; dev = SST-2 dev (872 sentences) or the "
                  "generated held-out split.")
   table = "\n".join(lines)
-  plot(points, path.with_suffix(".png"))
+  accuracy_vs_params(points, path.with_suffix(".png"), "MiniLM-L6 on SST-2: accuracy vs trainable parameters")
   return table
-
-
-def plot(points, out: Path) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  if not points:
-    return
-  fig, ax = plt.subplots(figsize=(10, 4.8))
-  seen: dict[int, int] = {}
-  for name, n, mean, std in points:
-    # Rows at the same budget are spread a little along x so their error bars stay visible.
-    k = seen.setdefault(n, 0)
-    seen[n] += 1
-    ax.errorbar(max(n, 1) * 1.06 ** k, mean, yerr=0 if np.isnan(std) else std, fmt="o", capsize=3, label=name)
-  ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-  ax.set(xscale="log", xlabel="trainable parameters (incl. 770 of the head)", ylabel="dev accuracy (%)",
-         title="MiniLM-L6 on SST-2: accuracy vs trainable parameters")
-  fig.tight_layout()
-  fig.savefig(out, dpi=110)
-  plt.close(fig)
 
 
 def update_readme(table: str) -> None:
@@ -159,14 +142,13 @@ def update_readme(table: str) -> None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--data-dir", default=None, help="SST-2 folder (default as in sst2_demo.py)")
+  parser.add_argument("--data-dir", default=None, help="SST-2 folder (default as in experiments.sst2_demo)")
   parser.add_argument("--report", action="store_true", help="only build the table and plot")
   parser.add_argument("--results", type=Path, default=RESULTS)
   args = parser.parse_args()
   claim = ClaimConfig()
   if not args.report:
-    from sst2_demo import default_data_dir
-    run_missing(claim, args.data_dir or default_data_dir(), args.results)
+    run_missing(claim, args.data_dir or default_data_dir("sst2"), args.results)
   table = report(claim, args.results)
   print(table)
   if args.results == RESULTS:

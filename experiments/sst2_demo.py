@@ -6,7 +6,7 @@ compositional sentiment set the project generates (held-out sentence frames for 
 Trains MoS (r=6 at LoRA-1's budget) and the head-only floor on the same data, then prints
 a results table and where the plot, metrics and adapter files are.
 
-    .venv/bin/python experiments/sst2_demo.py [--data-dir DIR] [--steps N] [--out runs/demo]
+    .venv/bin/python -m experiments.sst2_demo [--data-dir DIR] [--steps N] [--out runs/demo]
 """
 
 from __future__ import annotations
@@ -15,15 +15,13 @@ import argparse
 import dataclasses
 import os
 import time
-from pathlib import Path
 
 import mos_jax
-from minilm import load_minilm
-from sentiment_data import get_data, tokenize
-from trainer import Dataset, TrainConfig, train
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_SST2 = REPO.parent / "shared" / "data" / "sst2"
+from experiments.lib.classification import train
+from experiments.lib.config import TrainConfig
+from experiments.lib.minilm import load_minilm
+from experiments.lib.paths import default_data_dir
+from experiments.lib.sentiment_data import load_datasets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,25 +36,12 @@ class DemoConfig:
   compute_dtype: str = "float32"
   mos: mos_jax.MoSConfig = mos_jax.MoSConfig(
       rank=6, equivalent_rank=1, private_rank=0, shards_per_vector=2, alpha=16.0, dropout=0.1,
-      target_modules=mos_jax.BERT_TARGETS)
-
-
-def default_data_dir() -> str | None:
-  if os.environ.get("MOS_DATA_DIR"):
-    return os.path.join(os.environ["MOS_DATA_DIR"], "sst2")
-  return str(SHARED_SST2) if SHARED_SST2.is_dir() else None
-
-
-def load_datasets(data_dir, demo: DemoConfig, tokenizer, allow_network: bool):
-  splits = get_data(data_dir, seed=demo.seed, n_train=demo.n_generated[0], n_eval=demo.n_generated[1],
-                    max_train=demo.max_train, allow_network=allow_network)
-  encode = lambda split: Dataset(tokenize(tokenizer, split[0], demo.max_len), split[1])
-  return encode(splits["train"]), encode(splits["dev"]), splits["source"]
+      target_modules=mos_jax.core.BERT_TARGETS)
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--data-dir", default=default_data_dir(), help="folder with train.tsv and dev.tsv")
+  parser.add_argument("--data-dir", default=default_data_dir("sst2"), help="folder with train.tsv and dev.tsv")
   parser.add_argument("--allow-network", action="store_true", help="try HF datasets when no --data-dir")
   parser.add_argument("--generated", action="store_true", help="use the generated data set, not SST-2")
   parser.add_argument("--steps", type=int, default=DemoConfig.steps)
@@ -67,7 +52,9 @@ def main() -> None:
   start = time.perf_counter()
   model, tokenizer = load_minilm()
   data_dir = None if args.generated else args.data_dir
-  train_data, dev_data, source = load_datasets(data_dir, demo, tokenizer, args.allow_network and not args.generated)
+  train_data, dev_data, source = load_datasets(
+      data_dir, tokenizer, max_len=demo.max_len, seed=demo.seed, n_generated=demo.n_generated,
+      max_train=demo.max_train, allow_network=args.allow_network and not args.generated)
   print(f"data: {source}: {len(train_data)} train / {len(dev_data)} eval examples")
   runs = {"MoS r=6 r_e=1 l=2": demo.mos, "head only (frozen base)": None}
   results = {}

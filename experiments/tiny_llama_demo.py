@@ -3,7 +3,7 @@
 Trains the same frozen base three ways (LoRA r=8, MoS r=8 at LoRA-1's budget, frozen)
 and prints the final loss and trainable parameters of each. Runs in about a minute:
 
-    .venv/bin/python experiments/tiny_llama_demo.py
+    .venv/bin/python -m experiments.tiny_llama_demo
 """
 
 import time
@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from transformers import FlaxLlamaForCausalLM, LlamaConfig
 
 import mos_jax
+from experiments.lib.models import random_llama
 
 STEPS, LAYERS = 150, 8
 
@@ -27,10 +27,7 @@ def make_batch(seed: int = 0) -> jax.Array:
 
 
 def main() -> None:
-  with jax.numpy_rank_promotion("allow"):
-    model = FlaxLlamaForCausalLM(LlamaConfig(
-        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32), seed=0)
+  model = random_llama(vocab=64, hidden=64, intermediate=128, layers=LAYERS, heads=4, kv_heads=2, max_positions=32)
   ids = make_batch()
 
   def loss_fn(params, batch):
@@ -43,16 +40,16 @@ def main() -> None:
                     ("LoRA r=1", mos_jax.MoSConfig.lora(1))]:
     adapter = mos_jax.adapt(model.params, cfg)
     optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 3e-3, 10, STEPS))
-    step = mos_jax.make_train_step(loss_fn, adapter.routing, optimizer)
-    pools, opt_state = adapter.pools, optimizer.init(adapter.pools)
+    step = mos_jax.make_train_step(loss_fn, optimizer)
+    opt_state = optimizer.init(adapter)
     start = time.perf_counter()
     for i in range(STEPS):
-      pools, opt_state, loss = step(pools, opt_state, model.params, ids, jax.random.key(i))
+      adapter, opt_state, loss = step(adapter, opt_state, model.params, ids, jax.random.key(i))
     rows.append((name, adapter, float(loss), time.perf_counter() - start))
   print(mos_jax.summary(rows[2][1]))
   print(f"\n{'run':<22} {'trainable':>10} {'final loss':>11} {'train s':>8}")
   for name, adapter, loss, seconds in rows:
-    count = mos_jax.trainable_count(adapter.routing) if adapter else 0
+    count = mos_jax.core.count_params(adapter) if adapter else 0
     print(f"{name:<22} {count:>10,} {loss:>11.4f} {seconds:>8.1f}")
 
 

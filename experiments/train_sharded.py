@@ -2,12 +2,14 @@
 
 A config file (big_vision style: a Python file defining ``CONFIG = RunConfig(...)``) sets the
 model, the MoS adapter, the (data, fsdp, tensor) mesh and the run. The frozen base is
-FSDP/tensor-sharded by rule, pools replicated, batches split over data x fsdp, and the step is
-`jax.jit` with explicit in/out shardings and donated pools/optimizer state. Each process builds
-only its own rows of the global batch. Checkpoints (Orbax) every `checkpoint_every` steps and
-on SIGTERM (preemption), and resume from the latest one.
+FSDP/tensor-sharded by rule, pools replicated, batches split over data x fsdp, and the step
+(`mos_jax.make_train_step` with the four shardings) is jitted with explicit in/out shardings
+and donated adapter/optimizer state. Each process builds only its own rows of the global batch.
+Checkpoints (Orbax) every `checkpoint_every` steps and on SIGTERM (preemption), and resume from
+the latest one. At the end, process 0 writes the native adapter file `workdir/adapter.safetensors`
+(`mos_jax.load_adapter` reads it).
 
-    .venv/bin/python experiments/train_sharded.py --config experiments/configs/tiny_sharded.py --workdir runs/sharded
+    .venv/bin/python -m experiments.train_sharded --config experiments/configs/tiny_sharded.py --workdir runs/sharded
     # several processes (one per host): add --coordinator HOST:PORT --num-processes N --process-id I
 """
 
@@ -17,19 +19,17 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:  # imported at run time only after jax is configured (device count)
-  from mos_jax import MeshConfig, MoSConfig
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+  from mos_jax import MoSConfig
+  from mos_jax.parallel import MeshConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +55,9 @@ class RunConfig:
   steps: int = 10
   lr: float = 1e-3
   warmup_frac: float = 0.0
+  schedule: str = "linear"  # decay after the warmup: "linear" or "cosine"
   clip_norm: float = 1.0
+  weight_decay: float = 1e-4  # AdamW's (optax's default)
   compute_dtype: str = "float32"
   checkpoint_every: int = 100
   keep_checkpoints: int = 2
@@ -64,8 +66,11 @@ class RunConfig:
 
 
 def load_config(path: str) -> RunConfig:
-  # Config files import RunConfig from this module; run as a script it is __main__.
-  sys.modules.setdefault("train_sharded", sys.modules[__name__])
+  """``CONFIG`` of a config file, which imports ``RunConfig`` from ``experiments.train_sharded``."""
+  if __name__ == "__main__":
+    # Run with -m, this module is __main__: let the config file's import find this very module
+    # (a second copy would define another RunConfig class).
+    sys.modules.setdefault("experiments.train_sharded", sys.modules[__name__])
   spec = importlib.util.spec_from_file_location("run_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -88,20 +93,29 @@ def token_rows(seed: int, step: int, start: int, stop: int, seq_len: int, vocab:
 
 
 def build_model(cfg: RunConfig):
-  import jax
   import jax.numpy as jnp
-  from transformers import FlaxLlamaForCausalLM, LlamaConfig
+
+  from experiments.lib.models import load_causal_lm, random_llama
 
   dtype = jnp.dtype(cfg.compute_dtype)
-  with jax.numpy_rank_promotion("allow"):
-    if cfg.hf_model:
-      from causal_lm import load_causal_lm
-      return load_causal_lm(cfg.hf_model, allow_network=True, dtype=dtype)
-    m = cfg.model
-    return FlaxLlamaForCausalLM(LlamaConfig(
-        vocab_size=m.vocab, hidden_size=m.hidden, intermediate_size=m.intermediate, num_hidden_layers=m.layers,
-        num_attention_heads=m.heads, num_key_value_heads=m.kv_heads, max_position_embeddings=max(64, cfg.seq_len)),
-        seed=cfg.seed, dtype=dtype)
+  if cfg.hf_model:
+    return load_causal_lm(cfg.hf_model, allow_network=True, dtype=dtype)
+  m = cfg.model
+  return random_llama(vocab=m.vocab, hidden=m.hidden, intermediate=m.intermediate, layers=m.layers, heads=m.heads,
+                      kv_heads=m.kv_heads, max_positions=max(64, cfg.seq_len), seed=cfg.seed, dtype=dtype)
+
+
+def save_final_adapter(workdir: Any, adapter: Any) -> None:
+  """``workdir/adapter.safetensors``; written locally first when ``workdir`` is a bucket (gs://...)."""
+  import mos_jax
+
+  target = workdir / "adapter.safetensors"
+  if "://" not in str(workdir):
+    mos_jax.save_adapter(Path(str(target)), adapter)
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    local = mos_jax.save_adapter(Path(tmp) / "adapter.safetensors", adapter)
+    target.write_bytes(local.read_bytes())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,85 +133,83 @@ def main(argv: list[str] | None = None) -> int:
   if args.cpu_devices:
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
   import mos_jax
-  from mos_jax import distributed
-  distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  from mos_jax import parallel
+  parallel.initialize(args.coordinator, args.num_processes, args.process_id)
 
   import jax.numpy as jnp
   import optax
+  from jax.experimental import multihost_utils
+
+  from experiments.lib.loop import sigterm_flag
+  from experiments.lib.optim import make_optimizer
 
   cfg = load_config(args.config)
   if args.steps is not None:
     cfg = dataclasses.replace(cfg, steps=args.steps)
-  main_process = distributed.is_main_process()
+  main_process = parallel.is_main_process()
   from etils import epath  # local paths and gs:// buckets alike (pods share a bucket)
   workdir = epath.Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   model = build_model(cfg)
-  mesh = mos_jax.make_mesh(cfg.mesh)
-  params_sharding = mos_jax.base_shardings(model.params, mesh, fsdp_min_size=cfg.fsdp_min_size)
+  mesh = parallel.make_mesh(cfg.mesh)
+  params_sharding = parallel.base_shardings(model.params, mesh, fsdp_min_size=cfg.fsdp_min_size)
   params = jax.device_put(model.params, params_sharding)
   adapter = mos_jax.adapt(model.params, cfg.mos)
-  pools_sharding = mos_jax.pool_shardings(adapter.routing, mesh)
-  pools = jax.device_put(adapter.pools, pools_sharding)
-  warmup = max(1, int(cfg.warmup_frac * cfg.steps))
-  schedule = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup),
-                                   optax.linear_schedule(cfg.lr, 0.0, max(1, cfg.steps - warmup))], [warmup])
-  optimizer = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adamw(schedule))
-  opt_state, opt_sharding = mos_jax.init_opt_state(optimizer, pools, mesh)
-  batch_sharding = mos_jax.batch_sharding(mesh)
+  adapter_sharding = parallel.pool_shardings(adapter, mesh)
+  adapter = jax.device_put(adapter, adapter_sharding)
+  optimizer = make_optimizer(cfg)
+  opt_state, opt_sharding = parallel.init_opt_state(optimizer, adapter, mesh)
+  batch_sharding = parallel.batch_sharding(mesh)
 
   def loss_fn(params, batch):
     with jax.numpy_rank_promotion("allow"):
       logits = model(batch[:, :-1], params=params).logits
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch[:, 1:]).mean()
 
-  step_fn = mos_jax.make_sharded_train_step(loss_fn, adapter.routing, optimizer, params_sharding=params_sharding,
-                                            pools_sharding=pools_sharding, opt_state_sharding=opt_sharding,
-                                            batch_sharding=batch_sharding)
+  step_fn = mos_jax.make_train_step(loss_fn, optimizer, trainable_sharding=adapter_sharding,
+                                    opt_state_sharding=opt_sharding, params_sharding=params_sharding,
+                                    batch_sharding=batch_sharding)
   checkpoints = mos_jax.TrainCheckpointer(
       workdir / "checkpoints", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
-      identity={"adapter": mos_jax.adapter_identity(adapter.routing),
+      identity={"adapter": mos_jax.core.adapter_identity(adapter),
                 "run": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("mos", "mesh", "steps", "checkpoint_every", "keep_checkpoints")}})
   start = 0
   if checkpoints.latest_step() is not None:
     # Restores onto the live shardings, whatever mesh wrote the checkpoint.
-    restored = checkpoints.restore({"pools": pools, "opt_state": opt_state})
-    start, pools, opt_state = restored.step, restored.state["pools"], restored.state["opt_state"]
+    restored = checkpoints.restore({"adapter": adapter, "opt_state": opt_state})
+    start, adapter, opt_state = restored.step, restored.state["adapter"], restored.state["opt_state"]
     if main_process:
       print(f"resumed from step {start}", flush=True)
 
-  stop = {"requested": False}
-  signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))  # preemption notice
   dropout_key = jax.random.key(cfg.seed + 1)
   metrics = (workdir / "metrics.jsonl").open("a") if main_process else None
   step = last_saved = start
-  while step < cfg.steps and not stop["requested"]:
-    batch = distributed.global_batch(
-        batch_sharding, (cfg.global_batch, cfg.seq_len),
-        lambda a, b, s=step: token_rows(cfg.seed, s, a, b, cfg.seq_len, model.config.vocab_size))
-    t0 = time.perf_counter()
-    pools, opt_state, loss = step_fn(pools, opt_state, params, batch, jax.random.fold_in(dropout_key, step))
-    loss = float(loss)
-    step += 1
+  with sigterm_flag() as stop:  # a preemption notice: finish the step, checkpoint, exit
+    while step < cfg.steps and not stop.is_set():
+      batch = parallel.global_batch(
+          batch_sharding, (cfg.global_batch, cfg.seq_len),
+          lambda a, b, s=step: token_rows(cfg.seed, s, a, b, cfg.seq_len, model.config.vocab_size))
+      t0 = time.perf_counter()
+      adapter, opt_state, loss = step_fn(adapter, opt_state, params, batch, jax.random.fold_in(dropout_key, step))
+      loss = float(loss)
+      step += 1
+      if main_process:
+        metrics.write(json.dumps({"step": step, "loss": loss, "seconds": time.perf_counter() - t0}) + "\n")
+        metrics.flush()
+        print(f"step {step} loss {loss:.6f}", flush=True)
+      if checkpoints.save(step, {"adapter": adapter, "opt_state": opt_state}, force=step == cfg.steps):
+        last_saved = step
+    if stop.is_set() and last_saved != step:
+      # SIGTERM may land after this step's save decision: save it now, before exiting.
+      checkpoints.save(step, {"adapter": adapter, "opt_state": opt_state}, force=True)
+    checkpoints.wait()
+    if metrics:
+      metrics.close()
+    if stop.is_set() and main_process:
+      print(f"SIGTERM: saved step {step}, exiting for a later resume", flush=True)
+    gathered = multihost_utils.process_allgather(adapter, tiled=True)  # every process takes part
     if main_process:
-      metrics.write(json.dumps({"step": step, "loss": loss, "seconds": time.perf_counter() - t0}) + "\n")
-      metrics.flush()
-      print(f"step {step} loss {loss:.6f}", flush=True)
-    if checkpoints.save(step, {"pools": pools, "opt_state": opt_state}, force=step == cfg.steps):
-      last_saved = step
-  if stop["requested"] and last_saved != step:
-    # SIGTERM may land after this step's save decision: save it now, before exiting.
-    checkpoints.save(step, {"pools": pools, "opt_state": opt_state}, force=True)
-  checkpoints.wait()
-  if metrics:
-    metrics.close()
-  if stop["requested"] and main_process:
-    print(f"SIGTERM: saved step {step}, exiting for a later resume", flush=True)
-  from jax.experimental import multihost_utils
-  gathered = multihost_utils.process_allgather(pools, tiled=True)
-  if main_process:
-    with (workdir / "final_pools.npz").open("wb") as f:
-      np.savez(f, **{f"{g}|{k}": np.asarray(v) for g, e in gathered.items() for k, v in e.items()})
+      save_final_adapter(workdir, gathered)
   return 0
 
 

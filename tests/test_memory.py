@@ -9,10 +9,13 @@ import jax
 import pytest
 from transformers import FlaxGPT2LMHeadModel, FlaxLlamaForCausalLM, GPT2Config, LlamaConfig
 
+from experiments import memory_estimate
 from mos_jax import MoSConfig, adapt
-from mos_jax._memory import GIB, dtype_bits, estimate_memory, param_shapes
+from mos_jax.core import dtype_bits, estimate_memory
+from mos_jax.hf import param_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
+GIB = 2**30
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32)
@@ -143,8 +146,8 @@ def test_long_context_is_trimmed_only_when_positions_own_no_params():
 
 
 def _run_cli(*args):
-  return subprocess.run([sys.executable, str(ROOT / "experiments" / "memory_estimate.py"), *args],
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run([sys.executable, "-m", "experiments.memory_estimate", *args],
+                        capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
 def test_cli_preset_tiny_writes_json(tmp_path):
@@ -164,9 +167,6 @@ def test_cli_preset_tiny_writes_json(tmp_path):
 
 
 def test_cli_reads_a_local_hf_config_and_reports_bad_configs(tmp_path, capsys):
-  sys.path.insert(0, str(ROOT / "experiments"))
-  import memory_estimate
-
   assert memory_estimate.PRESETS["llama2-7b"] | LLAMA2_7B == memory_estimate.PRESETS["llama2-7b"]
   assert memory_estimate.PRESETS["llama3.2-3b"] | LLAMA32_3B == memory_estimate.PRESETS["llama3.2-3b"]
   LlamaConfig(**memory_estimate.PRESETS["tiny"]).save_pretrained(tmp_path)

@@ -1,18 +1,15 @@
-"""Tests for experiments/minilm.py: locating and loading the pretrained MiniLM-L6 encoder."""
+"""Tests for experiments/lib/minilm.py: locating and loading the pretrained MiniLM-L6 encoder."""
 
 from __future__ import annotations
 
 import importlib.util
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-
-import minilm  # noqa: E402
+from experiments.lib import minilm
 
 HAVE_PACKAGE = importlib.util.find_spec(minilm.PACKAGE) is not None
 needs_package = pytest.mark.skipif(not HAVE_PACKAGE, reason=f"needs `{minilm.PIP_INSTALL}`")

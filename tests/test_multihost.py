@@ -13,14 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import mos_jax
+
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "experiments" / "train_sharded.py"
 CONFIG = ROOT / "experiments" / "configs" / "tiny_sharded.py"
 TIMEOUT = 300
 
 
 def command(workdir, *extra):
-  return [sys.executable, str(SCRIPT), "--config", str(CONFIG), "--workdir", str(workdir), *extra]
+  return [sys.executable, "-m", "experiments.train_sharded", "--config", str(CONFIG), "--workdir", str(workdir),
+          *extra]
 
 
 def env():
@@ -30,7 +32,7 @@ def env():
 
 @contextlib.contextmanager
 def processes(commands):
-  procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
+  procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT,
                             start_new_session=True) for c in commands]
   try:
     yield procs
@@ -62,8 +64,9 @@ def losses(workdir):
 
 
 def pools(workdir):
-  with np.load(workdir / "final_pools.npz") as f:
-    return {k: f[k] for k in f.files}
+  """The final pools from the native adapter file, as ``{"group|A": array}``."""
+  adapter = mos_jax.load_adapter(workdir / "adapter.safetensors")
+  return {f"{g}|{k}": np.asarray(v) for g, e in adapter.pools.items() for k, v in e.items()}
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ from flax.core import freeze
 
 from conftest import hf_numerics
 from helpers import random_pools
-from mos_jax import MoSConfig, adapt, adapted_loss, make_train_step
-from mos_jax._quantize import (NF4_CODEBOOK, NF4Kernel, QuantizedKernel, dequantize, dequantized_dense,
-                               is_quantized, quantize, quantize_int8, quantize_nf4, quantized_bytes)
+from mos_jax import MoSConfig, adapt, make_train_step
+from mos_jax.linen import (NF4_CODEBOOK, NF4Kernel, QuantizedKernel, adapted_loss, dequantize, dequantized_dense,
+                           is_quantized, quantize, quantize_int8, quantize_nf4, quantized_bytes)
 
 IDS = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(4, 9)), jnp.int32)
 LLAMA_KERNELS = 4 * 7 + 1  # seven projections per layer, plus lm_head
@@ -152,8 +152,8 @@ def test_pytree_jit_and_shapes(tiny_llama, qllama):
   assert all(jax.tree_util.tree_leaves(same))
   assert dequantize(qllama, jnp.bfloat16)["lm_head"]["kernel"].dtype == jnp.bfloat16
   # An adapter can be built from shapes alone: the float base need not be kept.
-  assert adapt(shapes, MoSConfig(rank=2, equivalent_rank=1)).routing.groups == \
-      adapt(tiny_llama.params, MoSConfig(rank=2, equivalent_rank=1)).routing.groups
+  assert adapt(shapes, MoSConfig(rank=2, equivalent_rank=1)).groups == \
+      adapt(tiny_llama.params, MoSConfig(rank=2, equivalent_rank=1)).groups
 
 
 @pytest.mark.parametrize("scheme", ["int8", "nf4"])
@@ -215,11 +215,11 @@ def test_dequantized_dense_matches_nn_dense_with_gradients(scheme):
 def test_on_the_fly_keeps_the_adapter_term(tiny_llama, qllama):
   """Inside make_train_step's injection, the dequantizing Dense still gets the low-rank term."""
   adapter = adapt(jax.eval_shape(dequantize, qllama), MoSConfig(rank=4, equivalent_rank=1, shards_per_vector=2))
-  pools = random_pools(adapter.pools)
-  ref = jax.jit(jax.value_and_grad(adapted_loss(lm_loss(tiny_llama, on_the_fly=False), adapter.routing)))
-  fly = jax.jit(jax.value_and_grad(adapted_loss(lm_loss(tiny_llama, on_the_fly=True), adapter.routing)))
-  (l_ref, g_ref), (l_fly, g_fly) = ref(pools, qllama, IDS), fly(pools, qllama, IDS)
-  base, _ = fly(adapter.pools, qllama, IDS)
+  trained = adapter.replace(pools=random_pools(adapter.pools))
+  ref = jax.jit(jax.value_and_grad(adapted_loss(lm_loss(tiny_llama, on_the_fly=False))))
+  fly = jax.jit(jax.value_and_grad(adapted_loss(lm_loss(tiny_llama, on_the_fly=True))))
+  (l_ref, g_ref), (l_fly, g_fly) = ref(trained, qllama, IDS), fly(trained, qllama, IDS)
+  base, _ = fly(adapter, qllama, IDS)
   assert abs(float(l_fly) - float(base)) > 1e-2  # random pools do change the loss ...
   np.testing.assert_allclose(l_fly, l_ref, rtol=1e-5)  # ... by exactly what upfront dequant gives
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g_fly, g_ref)
@@ -233,8 +233,8 @@ def test_recompute_saves_no_dequantized_kernel(tiny_llama, qllama, on_the_fly, r
   (into the frozen embedding) is never needed.
   """
   adapter = adapt(jax.eval_shape(dequantize, qllama), MoSConfig(rank=4, equivalent_rank=1))
-  f = adapted_loss(lm_loss(tiny_llama, on_the_fly=on_the_fly, recompute=recompute), adapter.routing)
-  _, vjp = jax.vjp(lambda p: f(p, qllama, IDS), adapter.pools)
+  f = adapted_loss(lm_loss(tiny_llama, on_the_fly=on_the_fly, recompute=recompute))
+  _, vjp = jax.vjp(lambda a: f(a, qllama, IDS), adapter)
   kernel_shapes = {x.shape for x in jax.tree_util.tree_leaves(jax.eval_shape(dequantize, qllama))
                    if x.ndim == 2}
   residuals = [r for r in jax.tree_util.tree_leaves(vjp)
@@ -254,8 +254,8 @@ def test_compiled_step_holds_no_dequantized_copy_of_the_base(tiny_llama, qllama)
   opt = optax.adamw(1e-2)
 
   def temp_bytes(on_the_fly):
-    step = make_train_step(lm_loss(tiny_llama, on_the_fly=on_the_fly), adapter.routing, opt)
-    lowered = step.lower(adapter.pools, opt.init(adapter.pools), qllama, IDS, jax.random.key(0))
+    step = make_train_step(lm_loss(tiny_llama, on_the_fly=on_the_fly), opt)
+    lowered = step.lower(adapter, opt.init(adapter), qllama, IDS, jax.random.key(0))
     return lowered.compile().memory_analysis().temp_size_in_bytes
 
   float_kernels = quantized_bytes(qllama).original
@@ -265,13 +265,13 @@ def test_compiled_step_holds_no_dequantized_copy_of_the_base(tiny_llama, qllama)
 def test_train_step_on_quantized_base_learns(tiny_llama, qllama):
   adapter = adapt(jax.eval_shape(dequantize, qllama), MoSConfig(rank=4, equivalent_rank=1, shards_per_vector=2))
   optimizer = optax.adamw(1e-2)
-  pools = jax.tree_util.tree_map(jnp.copy, adapter.pools)
-  opt_state = optimizer.init(pools)
-  step = make_train_step(lm_loss(tiny_llama, on_the_fly=True), adapter.routing, optimizer)
+  trained = adapter.replace(pools=jax.tree_util.tree_map(jnp.copy, adapter.pools))  # the step donates it
+  opt_state = optimizer.init(trained)
+  step = make_train_step(lm_loss(tiny_llama, on_the_fly=True), optimizer)
   before = jax.tree_util.tree_map(np.asarray, qllama)
   losses = []
   for i in range(12):
-    pools, opt_state, loss = step(pools, opt_state, qllama, IDS, jax.random.key(i))
+    trained, opt_state, loss = step(trained, opt_state, qllama, IDS, jax.random.key(i))
     losses.append(float(loss))
   assert step._cache_size() == 1
   assert losses[-1] < losses[0] - 0.1, losses

@@ -3,7 +3,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from helpers import layered_params
-from mos_jax import MoSConfig, find_groups, make_routing
+from mos_jax import MoSConfig
+from mos_jax.core import find_groups, make_routing
 from reference import expected_private_block
 
 

@@ -1,4 +1,4 @@
-"""Tests for experiments/sentiment_data.py: TSV validation, SST-2, generated data, tokenize."""
+"""Tests for experiments/lib/sentiment_data.py: TSV validation, SST-2, generated data, tokenize."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-
-import sentiment_data as sd  # noqa: E402
+from experiments.lib import sentiment_data as sd
 
 
 def _write(tmp_path: Path, content: str, name: str = "data.tsv") -> Path:

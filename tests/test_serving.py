@@ -14,7 +14,8 @@ import pytest
 from conftest import hf_numerics
 from helpers import random_pools
 from mos_jax import MoSConfig, adapt, assemble, inject
-from mos_jax._serving import inject_multi, row_factors, stack_adapters
+from mos_jax.core import row_factors, stack_adapters
+from mos_jax.linen import inject_multi
 
 BASE = MoSConfig(rank=4, equivalent_rank=1, shards_per_vector=2)
 # Different seeds (so different routings), strategies and alphas: all stack together.
@@ -28,7 +29,7 @@ def adapters(tiny_llama):
   for k, cfg in enumerate(CONFIGS):
     adapter = adapt(tiny_llama.params, cfg)
     pools = jax.tree_util.tree_map(lambda x: 0.1 * x, random_pools(adapter.pools, seed=10 + k))
-    out.append(dataclasses.replace(adapter, pools=pools))
+    out.append(adapter.replace(pools=pools))
   return out
 
 
@@ -41,7 +42,7 @@ def forward_fn(model):
 
 
 def alone(model, adapter, input_ids):
-  with inject(assemble(adapter.pools, adapter.routing), adapter.routing), hf_numerics():
+  with inject(adapter), hf_numerics():
     return np.asarray(model(input_ids, params=model.params).logits)
 
 
@@ -66,10 +67,10 @@ def test_mixed_batch_rows_equal_each_adapter_alone(tiny_llama, adapters):
 def test_row_factors_match_assembled_factors(adapters):
   stack = stack_adapters(adapters)
   ids = jnp.asarray([1, 2, 0, 1])
-  group = adapters[0].routing.groups[3]
-  a, b = row_factors(stack, group.name, 2, ids)
+  group = adapters[0].groups[3]
+  a, b = row_factors(stack, group, 2, ids)
   for row, k in enumerate(np.asarray(ids)):
-    factors = assemble(adapters[k].pools, adapters[k].routing)[group.name]
+    factors = assemble(adapters[k])[group.name]
     np.testing.assert_array_equal(a[row], factors["A"][2])
     np.testing.assert_array_equal(b[row], factors["B"][2])
 
@@ -113,9 +114,11 @@ def test_refuses_incompatible_adapters_and_bad_ids(tiny_llama, adapters):
 
 def test_benchmark_quick_run_writes_json(tmp_path):
   out = tmp_path / "bench.json"
-  script = Path(__file__).resolve().parents[1] / "experiments" / "bench_serving.py"
-  printed = subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)],
-                           check=True, capture_output=True, text=True, timeout=600).stdout
+  root = Path(__file__).resolve().parents[1]
+  run = subprocess.run([sys.executable, "-m", "experiments.bench_serving", "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=root)
+  assert run.returncode == 0, run.stderr[-3000:]
+  printed = run.stdout
   result = json.loads(out.read_text())
   rows = result["throughput"]["rows"]
   assert [r["adapters"] for r in rows] == [1, 4, 8]

@@ -3,8 +3,8 @@ import pytest
 from flax.core import freeze
 
 from helpers import layered_params
-from mos_jax import BERT_TARGETS, MoSConfig, dry_run, find_groups
-from mos_jax._targets import layer_of
+from mos_jax import MoSConfig, dry_run
+from mos_jax.core import BERT_TARGETS, find_groups
 
 CFG = MoSConfig(rank=2, equivalent_rank=1)
 
@@ -34,7 +34,7 @@ def test_layer_order_is_numeric_not_lexicographic():
   params = layered_params(12, {"proj": (4, 4)})
   (g,) = find_groups(freeze(params), MoSConfig(rank=1, equivalent_rank=1, target_modules=["proj"]))
   assert [p.split("/")[1] for p in g.paths] == [str(i) for i in range(12)]
-  assert layer_of((g,))["layers/10/proj"] == ("layers/*/proj", 10)
+  assert (g.name, g.layer_of("layers/10/proj")) == ("layers/*/proj", 10)
 
 
 def test_exclude_and_suffix_matching():
@@ -48,8 +48,26 @@ def test_exclude_and_suffix_matching():
 
 def test_stacked_layout():
   params = layered_params(6, {"q": (8, 16)}, stacked=True)
-  (g,) = find_groups(params, MoSConfig(rank=1, equivalent_rank=1, target_modules=["q"]))
+  (g,) = find_groups(params, MoSConfig(rank=1, equivalent_rank=1, target_modules=["q"], stacked_modules=["q"],
+                                       layer_axis=0))
   assert g.stacked and (g.num_layers, g.d_in, g.d_out) == (6, 8, 16) and g.paths == ("layers/q",)
+  assert (g.layer_axis, g.kernel_shape, g.full_shape) == (0, (8, 16), (6, 8, 16))
+  # MaxText-style layer axis 1: (d_in, L, d_out).
+  (g,) = find_groups({"layers": {"q": {"kernel": jnp.zeros((8, 6, 16))}}},
+                     MoSConfig(rank=1, equivalent_rank=1, target_modules=["q"], stacked_modules=r".*/q",
+                               layer_axis=1))
+  assert g.stacked and (g.num_layers, g.d_in, g.d_out, g.layer_axis) == (6, 8, 16, 1)
+  assert g.full_shape == (8, 6, 16)
+
+
+def test_undeclared_3d_kernel_is_not_taken_for_a_stack():
+  """A kernel's rank alone never makes it a stack of layers: it must be declared."""
+  params = layered_params(6, {"q": (8, 16)}, stacked=True)
+  with pytest.raises(ValueError, match=r"'layers/q' has shape \(6, 8, 16\).*only 2-D.*stacked_modules"):
+    find_groups(params, MoSConfig(rank=1, equivalent_rank=1, target_modules=["q"]))
+  with pytest.raises(ValueError, match="too few dims for a layer axis"):
+    find_groups(layered_params(2, {"q": (8, 16)}),
+                MoSConfig(rank=1, equivalent_rank=1, target_modules=["q"], stacked_modules=["q"], layer_axis=1))
 
 
 def test_no_match_lists_available_kernels(tiny_llama):

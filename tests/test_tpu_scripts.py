@@ -1,6 +1,8 @@
 """tpu/ scripts: shellcheck-clean, and their dry runs print the expected gcloud commands."""
 
 import os
+import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -33,8 +35,21 @@ def test_create_uses_accelerator_and_spot():
 def test_launch_runs_the_tested_entry_point_on_all_workers():
   (line,) = dry_run("launch.sh", WORKDIR="gs://b/run", CONFIG="experiments/configs/tiny_sharded.py")
   assert "--worker=all" in line
-  assert "experiments/train_sharded.py" in line and "gs://b/run" in line
+  remote = next(w for w in shlex.split(line) if w.startswith("--command="))  # the dry run shell-quotes it
+  # Run as a module from the checkout's root, as tests/test_multihost.py runs it.
+  assert "cd ~/mos_jax && " in remote and "python -m experiments.train_sharded " in remote
+  assert "gs://b/run" in remote and "experiments/configs/tiny_sharded.py" in remote
   assert (TPU.parent / "experiments" / "train_sharded.py").exists()
+
+
+def test_stop_and_resume_find_the_launched_process():
+  (launch,) = dry_run("launch.sh")
+  process = next(w for w in shlex.split(launch) if w.startswith("--command=")).split("nohup ", 1)[1]
+  (stop,) = dry_run("stop.sh")
+  stop_pattern = re.search(r"pkill -TERM -f (\S+)", next(w for w in shlex.split(stop) if w.startswith("--command=")))
+  resume_pattern = re.search(r"pgrep -f (\S+)\"", (TPU / "resume.sh").read_text())
+  # pkill/pgrep -f match these (extended) regular expressions against the whole command line.
+  assert re.search(stop_pattern.group(1), process) and re.search(resume_pattern.group(1), process)
 
 
 def test_resume_dry_run_is_teardown_create_setup_launch():

@@ -1,18 +1,17 @@
-"""The experiment trainer on tiny random BERT and Llama encoders."""
+"""The experiments' classification trainer on tiny random BERT and Llama encoders."""
 
 import json
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from transformers import FlaxLlamaModel, LlamaConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from conftest import hf_numerics  # noqa: E402
-from mos_jax import BERT_TARGETS, MoSConfig  # noqa: E402
-from trainer import Dataset, TrainConfig, train  # noqa: E402
+from conftest import hf_numerics
+from experiments.lib.classification import Dataset, train
+from experiments.lib.config import TrainConfig
+from mos_jax import MoSConfig
+from mos_jax.core import BERT_TARGETS
 
 
 def toy_data(n, seed=0, vocab=64, length=12):
@@ -96,7 +95,7 @@ def test_bad_data_fails_before_training(tiny_bert, tmp_path, mutate, message):
 def test_saved_adapter_loads_back_as_a_native_mos_adapter(tiny_bert, tmp_path):
   import mos_jax
   result = train(tiny_bert, tiny_bert.params, toy_data(16), toy_data(8, seed=1), cfg(tmp_path))
-  loaded = mos_jax.load_mos_adapter(result["paths"]["adapter"], params=tiny_bert.params)
+  loaded = mos_jax.load_adapter(result["paths"]["adapter"], params=tiny_bert.params)
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.tree_util.tree_map(np.asarray, loaded.pools),
-                         jax.tree_util.tree_map(np.asarray, result["trainable_state"]["pools"]))
+                         jax.tree_util.tree_map(np.asarray, result["trainable_state"]["adapter"].pools))
   assert (tmp_path / "run" / "head.safetensors").exists()

@@ -5,5 +5,5 @@ set -euo pipefail
 # shellcheck source=tpu/common.sh
 source "$(dirname "$0")/common.sh" "$@"
 
-on_all_workers "cd ~/$REPO_DIR && nohup .venv/bin/python experiments/train_sharded.py \
+on_all_workers "cd ~/$REPO_DIR && nohup .venv/bin/python -m experiments.train_sharded \
   --config $CONFIG --workdir $WORKDIR > ~/train.log 2>&1 &"

@@ -24,7 +24,7 @@ while true; do
   case "$(state)" in
     READY)
       if run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --project="$PROJECT" --worker=0 \
-           --command="grep -q 'step .*' ~/train.log && ! pgrep -f train_sharded.py" ; then
+           --command="grep -q 'step .*' ~/train.log && ! pgrep -f experiments.train_sharded" ; then
         echo "training process ended; check ~/train.log on worker 0"; exit 0
       fi ;;
     PREEMPTED|TERMINATED|MISSING)

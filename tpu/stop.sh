@@ -5,4 +5,4 @@ set -euo pipefail
 # shellcheck source=tpu/common.sh
 source "$(dirname "$0")/common.sh" "$@"
 
-on_all_workers "pkill -TERM -f experiments/train_sharded.py || true"
+on_all_workers "pkill -TERM -f experiments.train_sharded || true"

@@ -4,8 +4,9 @@ Weights: a local HF folder (PyTorch safetensors are fine) given as `hf_model`, c
 worker by tpu/setup.sh, or a hub name when the workers have network.
 """
 
-from mos_jax import MeshConfig, MoSConfig
-from train_sharded import RunConfig
+from mos_jax import MoSConfig
+from mos_jax.parallel import MeshConfig
+from experiments.train_sharded import RunConfig
 
 CONFIG = RunConfig(
     hf_model="/mnt/models/Llama-2-7b-hf",

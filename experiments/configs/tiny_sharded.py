@@ -1,7 +1,8 @@
-"""Config for experiments/train_sharded.py: a tiny random Llama, for tests and CPU smoke runs."""
+"""Config for `python -m experiments.train_sharded`: a tiny random Llama, for tests and CPU smoke runs."""
 
-from mos_jax import MeshConfig, MoSConfig
-from train_sharded import ModelConfig, RunConfig
+from mos_jax import MoSConfig
+from mos_jax.parallel import MeshConfig
+from experiments.train_sharded import ModelConfig, RunConfig
 
 CONFIG = RunConfig(
     model=ModelConfig(hidden=32, intermediate=48, layers=4, heads=4, kv_heads=2, vocab=64),

@@ -1,0 +1,19 @@
+"""What the experiment scripts share, one job per module.
+
+- ``paths``: where the repository, results and data folders are.
+- ``optim``: the learning-rate schedule and the optimizer (clip + AdamW).
+- ``config``: ``TrainConfig``, one run of the training loop.
+- ``loop``: the training loop ``fit`` (``mos_jax.train.make_step``, SIGTERM, Orbax resume, metrics).
+- ``outputs``: the files a run leaves (native adapter, head, ``adapter_config.json``).
+- ``plots``: training curves and the accuracy-versus-parameters plot.
+- ``classification``: sequence classification with a frozen encoder, an adapter and a head.
+- ``lm``: instruction tuning of a causal LM (encoding, masked loss, ``train_lm``, decoding).
+- ``models``: random and tiny Llamas, a BPE tokenizer, loading HF checkpoints.
+- ``minilm``: the pretrained MiniLM-L6 encoder, offline.
+- ``sentiment_data``: SST-2 and a generated sentiment task.
+- ``gsm8k_data``: GSM8K files, generated problems and exact-match scoring.
+- ``bench``: the benchmarks' flags, timing, compiled memory and result files.
+
+Modules are imported one by one (``from experiments.lib import loop``); this
+package imports none of them, so loading one does not load the others.
+"""

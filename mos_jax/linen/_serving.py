@@ -1,0 +1,66 @@
+"""Serving many MoS adapters in one batch of a linen model: a per-row adapter id."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+
+from mos_jax.core import AdapterStack, check_ids, row_factors
+from mos_jax.linen._intercept import AdaptedCalls, flat_io, intercept_kernel_calls, module_input
+
+
+@contextlib.contextmanager
+def inject_multi(stack: AdapterStack, adapter_ids: jax.Array) -> Iterator[None]:
+  """Adds row ``b``'s adapter term ``(α/r)·(x_b @ A_iᵀ) @ B_iᵀ`` to every adapted layer.
+
+  Like :func:`mos_jax.linen.inject`, but each batch row uses the adapter
+  ``adapter_ids[b]`` of ``stack`` (``-1``: no adapter, the base model). The
+  per-row factors are gathered from the stacked pools inside the layer and
+  applied as a batched rank-``r`` product (the BGMV pattern of multi-LoRA
+  servers), so one compiled forward serves any mix of adapters. Inference only:
+  no dropout. Call (trace) the model inside the ``with``; the first axis of
+  every adapted layer's input must be the batch.
+
+  Args:
+    stack: output of :func:`mos_jax.core.stack_adapters`.
+    adapter_ids: ``(batch,)`` int adapter id per row, in ``[-1, K)``.
+
+  Yields:
+    Nothing; models called inside the block are adapted row by row.
+
+  Example:
+    >>> @jax.jit
+    ... def forward(stack, ids, input_ids):
+    ...   with inject_multi(stack, ids), jax.numpy_rank_promotion("allow"):
+    ...     return model(input_ids, params=params).logits  # doctest: +SKIP
+  """
+  adapter_ids = jnp.asarray(adapter_ids)
+  check_ids(adapter_ids, stack.num_adapters)
+  # Only the groups are needed to resolve layers: any target pattern matches no extra module.
+  calls = AdaptedCalls(None, stack.groups)
+  # Rows with id -1 gather adapter 0's shards (clipped) and are zeroed by their scale.
+  ids = jnp.maximum(adapter_ids, 0)
+  row_scale = jnp.where(adapter_ids >= 0, stack.scale[ids], 0.0)
+
+  def handle(module, next_fun, args, kwargs):
+    found = calls.resolve(module, args, kwargs)
+    if found is None:
+      return next_fun(*args, **kwargs)
+    path, group, layer = found
+    a, b = row_factors(stack, group, layer, ids)
+    x, unflatten = flat_io(module, group, module_input(args, kwargs).astype(a.dtype), args, kwargs)
+    if x.shape[0] != ids.shape[0]:
+      raise ValueError(f"Layer {path} got input of shape {x.shape}, whose first axis is not the batch of "
+                       f"{ids.shape[0]} adapter ids.")
+    y = next_fun(*args, **kwargs)
+    h = jnp.einsum("b...i,bri->b...r", x, a)
+    term = jnp.einsum("b...r,bor->b...o", h, b)
+    term = term * row_scale.reshape((-1,) + (1,) * (term.ndim - 1))
+    return y + unflatten(term).astype(y.dtype)
+
+  with intercept_kernel_calls(handle):
+    yield
+  calls.check_all_hit()

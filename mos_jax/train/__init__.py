@@ -1,0 +1,7 @@
+"""Training: the one optax step (optionally sharded) and Orbax checkpoints of the training state."""
+
+from mos_jax.train._checkpoint import (CheckpointCorruptError, CheckpointMismatchError, Restored, TrainCheckpointer)
+from mos_jax.train._step import TrainableLoss, make_step
+
+__all__ = ["CheckpointCorruptError", "CheckpointMismatchError", "Restored", "TrainCheckpointer",
+           "TrainableLoss", "make_step"]

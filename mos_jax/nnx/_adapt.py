@@ -1,0 +1,149 @@
+"""``adapt`` an NNX model (a copy with MoS layers), read its adapter back, and ``merge`` it away."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mos_jax.core import (Adapter, MismatchError, MoSConfig, adapt as core_adapt, check_params, kernel_delta,
+                          require_adapter)
+from mos_jax.nnx._discover import kernel_modules, kernel_tree
+from mos_jax.nnx._layers import GroupPools, MoSLayer
+
+
+def _set_child(parent: Any, key: Any, value: Any) -> None:
+  if isinstance(key, int) or not isinstance(parent, nnx.Module):
+    parent[key] = value
+  else:
+    setattr(parent, key, value)
+
+
+def _get(root: Any, keys: tuple[Any, ...]) -> Any:
+  node = root
+  for k in keys:
+    node = node[k] if isinstance(k, int) or not isinstance(node, nnx.Module) else getattr(node, k)
+  return node
+
+
+def _base_count(model: nnx.Module) -> int:
+  state = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+  return sum(x.size for x in jax.tree_util.tree_leaves(state))
+
+
+def adapt(model: nnx.Module, config: MoSConfig | Adapter, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
+  """Returns an adapted copy of an NNX model; the original is left untouched.
+
+  Every targeted ``nnx.Linear``, ``nnx.Einsum`` or einsum module like Tunix's
+  (any kernel name; contracted dims flatten to ``d_in``, free dims to ``d_out``)
+  is wrapped in a :class:`MoSLayer`. The pools are ``nnx.LoRAParam``, one pair
+  per module type shared by reference, so ``nnx.state(model, nnx.LoRAParam)``
+  holds exactly the trainable parameters and NNX training code
+  (``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``, Tunix ``PeftTrainer``)
+  trains them; the base weights stay ``nnx.Param``. The routing is static.
+
+  Args:
+    model: any NNX model.
+    config: a :class:`~mos_jax.MoSConfig` (fresh pools, as :func:`mos_jax.adapt`
+      draws them), or an :class:`~mos_jax.Adapter` (e.g. from
+      :func:`mos_jax.load_adapter`), whose pools and routing are used after
+      checking that it was made for this model.
+    rngs: stream ``dropout`` for the adapter's input dropout (when ``config.dropout > 0``).
+
+  Returns:
+    The adapted model.
+
+  Raises:
+    ValueError: no module matched, a matched module cannot be adapted (named by
+      class), or the usual shape/pool-size errors of :func:`mos_jax.adapt`.
+    MismatchError: an :class:`~mos_jax.Adapter` made for another model.
+
+  Example:
+    >>> model = mos_jax.nnx.adapt(gemma, mos_jax.MoSConfig(rank=8, equivalent_rank=1,  # doctest: +SKIP
+    ...     target_modules=mos_jax.nnx.GEMMA3_TARGETS))
+    >>> optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.LoRAParam)  # doctest: +SKIP
+  """
+  adapted = nnx.clone(model)
+  found = {m.path: m for m in kernel_modules(adapted)}
+  tree = kernel_tree(list(found.values()))
+  if isinstance(config, Adapter):
+    adapter = config
+    check_params(tree, adapter.config, adapter.groups, what="This adapter")
+  else:
+    adapter = core_adapt(tree, config, layouts={p: m.layout for p, m in found.items()})
+  stacked = [g.name for g in adapter.groups if g.stacked]
+  if stacked:
+    raise NotImplementedError(f"Groups {stacked} are stacked (scanned) kernels, which mos_jax.nnx does not "
+                              "wrap yet; unroll the layers.")
+  adapter = adapter.replace(base_params=_base_count(model))
+  for g in adapter.groups:
+    pools = GroupPools(jnp.asarray(adapter.pools[g.name]["A"]), jnp.asarray(adapter.pools[g.name]["B"]))
+    for i, path in enumerate(g.paths):
+      m = found[path]
+      wrapped = MoSLayer(m.module, pools, routing=adapter.routing, group=g, layer=i, kernel_name=m.kernel_name,
+                         rngs=rngs)
+      _set_child(_get(adapted, m.keys[:-1]), m.keys[-1], wrapped)
+  return adapted
+
+
+def mos_layers(model: nnx.Module) -> list[tuple[tuple[Any, ...], MoSLayer]]:
+  """``(keys, layer)`` of every :class:`MoSLayer` in the model, in graph order."""
+  return [(tuple(keys), m) for keys, m in nnx.iter_modules(model) if isinstance(m, MoSLayer)]
+
+
+def adapter_of(model: nnx.Module) -> Adapter:
+  """The adapter of an adapted model as one :class:`~mos_jax.Adapter` value (its current pools).
+
+  Use it for the formats and checkpoints of ``mos_jax``: ``mos_jax.save_adapter(path,
+  adapter_of(model))``, ``mos_jax.export_peft``, ``TrainCheckpointer``.
+
+  Raises:
+    ValueError: the model has no MoS layers.
+
+  Example:
+    >>> mos_jax.save_adapter("adapter.safetensors", adapter_of(model))  # doctest: +SKIP
+  """
+  layers = [m for _, m in mos_layers(model)]
+  if not layers:
+    raise ValueError("This model has no MoS layers: create it with mos_jax.nnx.adapt(model, config).")
+  routing = layers[0].routing
+  pools = {m.group.name: {"A": m.pools.a[...], "B": m.pools.b[...]} for m in layers}
+  return Adapter(pools=pools, routing=routing, base_params=_base_count(model)).replace()
+
+
+def load_pools(model: nnx.Module, adapter: Adapter) -> None:
+  """Writes an adapter's pools into an adapted model, in place (e.g. after ``load_adapter``).
+
+  Raises:
+    MismatchError: the adapter's routing (config, groups, index arrays) is not the model's.
+  """
+  require_adapter(adapter, "load_pools")
+  layers = [m for _, m in mos_layers(model)]
+  if not layers or layers[0].routing != adapter.routing:
+    raise MismatchError("The adapter's routing (config, groups or index arrays) is not this model's: "
+                        "create the model with mos_jax.nnx.adapt(model, adapter) instead.")
+  for m in layers:
+    m.pools.a[...] = adapter.pools[m.group.name]["A"]
+    m.pools.b[...] = adapter.pools[m.group.name]["B"]
+
+
+def merge(model: nnx.Module) -> nnx.Module:
+  """A plain copy of an adapted model with ``W + (α/r)·Aᵀ Bᵀ`` in every adapted kernel.
+
+  The MoS layers are replaced by their base layers, whose kernels get ``ΔW``
+  (computed in float32, cast to the kernel's dtype) in their own layout; no
+  ``nnx.LoRAParam`` is left. The adapted model is unchanged.
+
+  Example:
+    >>> plain = mos_jax.nnx.merge(model)  # doctest: +SKIP
+  """
+  merged = nnx.clone(model)
+  for keys, layer in mos_layers(merged):
+    a, b = layer.factors()
+    kernel = getattr(layer.base, layer.kernel_name)
+    w = kernel[...]
+    kernel[...] = (w.astype(jnp.float32) + kernel_delta(layer.group, a, b, layer.routing.config.scale)).astype(w.dtype)
+    _set_child(_get(merged, keys[:-1]), keys[-1], layer.base)
+  return merged

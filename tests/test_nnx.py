@@ -303,3 +303,91 @@ def test_tunix_peft_trainer_trains_the_pools_unchanged(tmp_path):
   assert trained.routing == start.routing
   base_after = jax.tree_util.tree_leaves(nnx.state(adapted, BASE))
   assert all(np.array_equal(a, b) for a, b in zip(base_before, base_after))
+
+
+def _hf_weight(kernel, group_path):
+  """A Tunix kernel as HF's nn.Linear weight(s) (out, in), by Tunix's own HF mapping (no permutation)."""
+  k = np.asarray(kernel, np.float64)
+  if group_path.endswith("kv_einsum"):           # (2, K, D, H) -> k_proj, v_proj: (K·H, D) each
+    return [k[c].transpose(0, 2, 1).reshape(-1, k.shape[2]) for c in range(2)]
+  if group_path.endswith("q_einsum"):            # (N, D, H) -> (N·H, D)
+    return [k.transpose(0, 2, 1).reshape(-1, k.shape[1])]
+  if group_path.endswith("attn_vec_einsum"):     # (N, H, D) -> (D, N·H)
+    return [k.reshape(-1, k.shape[2]).T]
+  if k.ndim == 3 and group_path.endswith("o_proj"):  # Llama (N, H, D) -> (D, N·H)
+    return [k.reshape(-1, k.shape[2]).T]
+  if k.ndim == 3:                                # Llama q/k/v (D, N, H) -> (N·H, D)
+    return [k.reshape(k.shape[0], -1).T]
+  return [k.T]                                   # nnx.Linear (in, out) -> (out, in)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama3"])
+def test_peft_export_uses_hf_names_and_layouts(family, tmp_path):
+  make, targets = MODELS[family]
+  model = make()
+  adapted = mos_jax.nnx.adapt(model, mos_jax.MoSConfig(rank=4, equivalent_rank=2, shards_per_vector=2,
+                                                       target_modules=targets))
+  adapter = mos_jax.nnx.adapter_of(adapted)
+  adapter = adapter.replace(pools=random_pools(adapter.pools, seed=6))
+  mos_jax.nnx.load_pools(adapted, adapter)
+  with pytest.raises(NotImplementedError, match="name its PyTorch modules"):
+    mos_jax.export_peft(tmp_path / "plain", adapter)
+  folder = mos_jax.export_peft(tmp_path / "peft", adapter, names=mos_jax.nnx.PEFT_NAMES[family])
+  factors, scale = mos_jax.formats.load_peft_factors(folder)
+  merged = mos_jax.nnx.merge(adapted)
+  hf = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+  assert {p.split("/")[-1] for p in factors} == hf and len(factors) == 7 * 2
+  # PEFT's ΔW = scale · B A, in HF's (out, in) layout, equals what merge added to the Tunix kernel.
+  for keys, layer in mos_jax.nnx.mos_layers(adapted):
+    path = "/".join(str(k) for k in keys)
+    before = _hf_weight(getattr(layer.base, layer.kernel_name)[...], path)
+    target = merged
+    for k in keys:
+      target = target[k] if isinstance(k, int) else getattr(target, k)
+    after = _hf_weight(getattr(target, layer.kernel_name)[...], path)
+    names = [n for n in factors if n.startswith(f"model/layers/{keys[1]}/")
+             and n.split("/")[-1] in _torch_names(path)]
+    assert len(names) == len(before)
+    for name, w0, w1 in zip(sorted(names, key=lambda n: _torch_names(path).index(n.split("/")[-1])), before, after):
+      a, b = factors[name]
+      assert rel_err(scale * b.astype(np.float64) @ a.astype(np.float64), w1 - w0) < 1e-4, name
+
+
+def _torch_names(path):
+  leaf = path.split("/")[-1]
+  return {"q_einsum": ["q_proj"], "kv_einsum": ["k_proj", "v_proj"], "attn_vec_einsum": ["o_proj"]}.get(leaf, [leaf])
+
+
+def test_unbind_bind_trains_the_adapter_with_the_one_train_step():
+  adapted = mos_jax.nnx.adapt(tiny_llama3(), mos_jax.MoSConfig(rank=4, equivalent_rank=2, shards_per_vector=2))
+  graphdef, adapter, state = mos_jax.nnx.unbind(adapted)
+
+  def loss_fn(model):
+    out = logits(model)
+    return optax.softmax_cross_entropy_with_integer_labels(out[:, :-1], TOKENS[:, 1:]).mean()
+
+  # The gradient with respect to the Adapter value equals NNX's gradient of the LoRAParams.
+  grads = jax.grad(lambda a: loss_fn(mos_jax.nnx.bind(graphdef, a, state)))(adapter)
+  nnx_grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(adapted)
+  by_group = {layer.group.name: layer for _, layer in mos_jax.nnx.mos_layers(adapted)}
+  flat = dict(nnx.to_flat_state(nnx_grads))
+  for name, layer in by_group.items():
+    key = next(k for k in flat if k[-1] == "a" and _reaches(adapted, k[:-1]) is layer.pools)
+    np.testing.assert_allclose(grads.pools[name]["A"], flat[key][...], rtol=1e-5, atol=1e-7)
+  step = mos_jax.train.make_step(lambda a, s, batch, rng: loss_fn(mos_jax.nnx.bind(graphdef, a, s)),
+                                 optax.adam(1e-2))
+  opt_state = optax.adam(1e-2).init(adapter)
+  losses = []
+  for _ in range(3):
+    adapter, opt_state, loss = step(adapter, opt_state, state, None, None)
+    losses.append(float(loss))
+  assert losses[-1] < losses[0]
+  mos_jax.nnx.load_pools(adapted, adapter)
+  assert abs(float(loss_fn(adapted)) - losses[-1]) < losses[0] - losses[-1]
+
+
+def _reaches(model, keys):
+  node = model
+  for k in keys:
+    node = node[k] if isinstance(k, int) else getattr(node, k)
+  return node

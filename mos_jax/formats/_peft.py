@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -18,15 +20,43 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 
 
-def _per_layer(adapter: Adapter) -> dict[str, tuple[jax.Array, jax.Array]]:
-  odd = [g.name for g in adapter.groups if g.stacked or (g.in_axes, g.out_axes) != ((0,), (1,))]
-  if odd:
-    raise NotImplementedError(f"Groups {odd} are stacked or einsum-style kernels, which have no per-layer "
-                              "nn.Linear in PyTorch; export merged weights instead.")
-  return layer_factors(adapter)
+#: A PEFT naming rule: a regex fullmatched against a module path, and the PyTorch module name(s)
+#: (``re`` templates, ``\\1`` for groups) it becomes. Several names split ``B``'s rows into that
+#: many equal blocks, in order (a fused ``kv`` kernel becomes ``k_proj`` and ``v_proj``).
+NameRule = tuple[str, tuple[str, ...]]
 
 
-def export_peft(folder: str | Path, adapter: Adapter, *,
+def _torch_modules(adapter: Adapter, names: Sequence[NameRule] | None,
+                   ) -> dict[str, tuple[jax.Array, jax.Array]]:
+  stacked = [g.name for g in adapter.groups if g.stacked]
+  if stacked:
+    raise NotImplementedError(f"Groups {stacked} are stacked kernels, which have no per-layer nn.Linear in "
+                              "PyTorch; export merged weights instead.")
+  per_layer = layer_factors(adapter)
+  out = {}
+  for g in adapter.groups:
+    for path in g.paths:
+      a, b = per_layer[path]
+      if names is None:
+        if (g.in_axes, g.out_axes) != ((0,), (1,)):
+          raise NotImplementedError(
+              f"Group {g.name!r} is an einsum-style kernel {g.kernel_shape}: name its PyTorch modules with "
+              "names=[(regex, (torch names...))] (e.g. mos_jax.nnx.PEFT_NAMES['gemma3']).")
+        out[path.replace("/", ".")] = (a, b)
+        continue
+      match = next((m for m in (re.fullmatch(p, path) for p, _ in names) if m), None)
+      if match is None:
+        raise ValueError(f"No PEFT naming rule matches {path!r}; add one to names=.")
+      targets = next(t for p, t in names if re.fullmatch(p, path))
+      rows = b.shape[0] // len(targets)
+      if rows * len(targets) != b.shape[0]:
+        raise ValueError(f"{path!r}: d_out={b.shape[0]} does not split into {len(targets)} modules {targets}.")
+      for k, target in enumerate(targets):
+        out[match.expand(target)] = (a, b[k * rows:(k + 1) * rows])
+  return out
+
+
+def export_peft(folder: str | Path, adapter: Adapter, *, names: Sequence[NameRule] | None = None,
                 base_model_name_or_path: str | None = None, task_type: str | None = "CAUSAL_LM",
                 prefix: str = PEFT_PREFIX) -> Path:
   """Writes the assembled factors as a standard PEFT LoRA adapter folder.
@@ -34,8 +64,11 @@ def export_peft(folder: str | Path, adapter: Adapter, *,
   MoS's forward is LoRA's with assembled factors, so this is exact: each
   adapted module gets ``lora_A.weight = A_i`` ``(r, d_in)`` and
   ``lora_B.weight = B_i`` ``(d_out, r)`` in float32 (exact for float32 and
-  bfloat16 pools), under the PyTorch module name (the Flax path with "." for
-  "/"). ``r`` is the active rank and ``lora_alpha`` the MoS alpha, so PEFT's
+  bfloat16 pools), under the PyTorch module name: the Flax path with "." for
+  "/", or the name a ``names`` rule gives. Einsum-style kernels need rules: their
+  contracted dims flatten (in kernel order) to the columns of ``lora_A`` and
+  their free dims to the rows of ``lora_B``, which is PyTorch ``nn.Linear``'s
+  layout for Tunix's kernels (heads, then head dim). ``r`` is the active rank and ``lora_alpha`` the MoS alpha, so PEFT's
   ``lora_alpha / r`` equals MoS's ``alpha / rank``. ``target_modules`` are the
   leaf names; modules PEFT wraps by name but MoS did not adapt have no weights
   in the file and keep PEFT's zero-initialised ``lora_B``, so they add nothing.
@@ -43,6 +76,8 @@ def export_peft(folder: str | Path, adapter: Adapter, *,
   Args:
     folder: output folder (replaced whole, atomically).
     adapter: the trained adapter.
+    names: naming rules, each ``(regex on the module path, (torch name, ...))``;
+      ``None`` keeps the Flax paths (dense kernels only).
     base_model_name_or_path: recorded in ``adapter_config.json``.
     task_type: PEFT task type (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``None``).
     prefix: key prefix; PEFT's own is ``"base_model.model."``.
@@ -56,13 +91,13 @@ def export_peft(folder: str | Path, adapter: Adapter, *,
   """
   config = adapter.config
   tensors = {}
-  for path, (a, b) in _per_layer(adapter).items():
-    module = prefix + path.replace("/", ".")
-    tensors[f"{module}.lora_A.weight"] = np.asarray(a, np.float32)
-    tensors[f"{module}.lora_B.weight"] = np.asarray(b, np.float32)
+  modules = _torch_modules(adapter, names)
+  for name, (a, b) in modules.items():
+    tensors[f"{prefix}{name}.lora_A.weight"] = np.asarray(a, np.float32)
+    tensors[f"{prefix}{name}.lora_B.weight"] = np.asarray(b, np.float32)
   peft_config = {
       "peft_type": "LORA", "task_type": task_type, "r": config.rank, "lora_alpha": config.alpha,
-      "target_modules": sorted({g.name.split("/")[-1] for g in adapter.groups}),
+      "target_modules": sorted({name.rsplit(".", 1)[-1] for name in modules}),
       "lora_dropout": config.dropout, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
       "use_dora": False, "init_lora_weights": True, "inference_mode": True,
       "base_model_name_or_path": base_model_name_or_path, "modules_to_save": None,

@@ -94,7 +94,7 @@ def mos_layers(model: nnx.Module) -> list[tuple[tuple[Any, ...], MoSLayer]]:
 
 
 def adapter_of(model: nnx.Module) -> Adapter:
-  """The adapter of an adapted model as one :class:`~mos_jax.Adapter` value (its current pools).
+  """The adapter of an adapted model as one :class:`~mos_jax.Adapter` value (a copy of its current pools).
 
   Use it for the formats and checkpoints of ``mos_jax``: ``mos_jax.save_adapter(path,
   adapter_of(model))``, ``mos_jax.export_peft``, ``TrainCheckpointer``.
@@ -109,7 +109,8 @@ def adapter_of(model: nnx.Module) -> Adapter:
   if not layers:
     raise ValueError("This model has no MoS layers: create it with mos_jax.nnx.adapt(model, config).")
   routing = layers[0].routing
-  pools = {m.group.name: {"A": m.pools.a[...], "B": m.pools.b[...]} for m in layers}
+  # Copies: a training step that donates the adapter must not delete the model's own pools.
+  pools = {m.group.name: {"A": jnp.array(m.pools.a[...]), "B": jnp.array(m.pools.b[...])} for m in layers}
   return Adapter(pools=pools, routing=routing, base_params=_base_count(model)).replace()
 
 
@@ -147,3 +148,27 @@ def merge(model: nnx.Module) -> nnx.Module:
     kernel[...] = (w.astype(jnp.float32) + kernel_delta(layer.group, a, b, layer.routing.config.scale)).astype(w.dtype)
     _set_child(_get(merged, keys[:-1]), keys[-1], layer.base)
   return merged
+
+
+def unbind(model: nnx.Module) -> tuple[nnx.GraphDef, Adapter, nnx.State]:
+  """Splits an adapted model for pure-function training: ``(graphdef, adapter, state)``.
+
+  With :func:`bind` this lets :func:`mos_jax.train.make_step` (or any jax
+  transform) train the :class:`~mos_jax.Adapter` value of an NNX model: only
+  the adapter is differentiated, ``state`` (the base weights) is a constant.
+
+  Example:
+    >>> graphdef, adapter, state = unbind(model)  # doctest: +SKIP
+    >>> loss_fn = lambda adapter, state, batch, rng: loss(bind(graphdef, adapter, state), batch)  # doctest: +SKIP
+    >>> step = mos_jax.train.make_step(loss_fn, optax.adamw(1e-3))  # doctest: +SKIP
+  """
+  graphdef, state = nnx.split(model)
+  return graphdef, adapter_of(model), state
+
+
+def bind(graphdef: nnx.GraphDef, adapter: Adapter, state: nnx.State) -> nnx.Module:
+  """The model of :func:`unbind` with the adapter's pools (traced values allowed)."""
+  # copy=True: fresh Variables of the current trace, so a traced adapter can be written into them.
+  model = nnx.merge(graphdef, state, copy=True)
+  load_pools(model, adapter)
+  return model

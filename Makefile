@@ -10,7 +10,7 @@ GEMMA_STAMP := $(VENV)/.installed-gemma
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install test test-slow demo demo-minilm demo-tiny bench reproduce clean
+.PHONY: install test test-slow demo demo-minilm demo-tiny bench bench-scan reproduce clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,9 @@ demo-tiny: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m experiments.bench_core
+
+bench-scan: $(STAMP)
+	$(BIN)/python -m experiments.bench_scan
 
 reproduce: $(STAMP)
 	$(BIN)/python -m experiments.sst2_claim

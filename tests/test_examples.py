@@ -48,6 +48,16 @@ def test_benchmark_quick_run_writes_json(tmp_path):
   assert result["ratios"]["assemble_over_mos_step"] > 0
 
 
+def test_scan_benchmark_quick_run_finds_no_base_copy(tmp_path):
+  out = tmp_path / "bench_scan.json"
+  subprocess.run([sys.executable, "-m", "experiments.bench_scan", "--quick", "--repeats", "1", "--out", str(out)],
+                 check=True, capture_output=True, timeout=600, cwd=ROOT)
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["layers"] for r in rows] == [8, 16]
+  for r in rows:
+    assert r["no_base_copy"] and r["extra_peak_bytes"] < r["extra_peak_unrolled_bytes"] + r["adapter_budget_bytes"]
+
+
 def test_claim_report_from_results(tmp_path):
   from experiments import sst2_claim
 

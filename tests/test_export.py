@@ -147,8 +147,8 @@ def test_native_file_round_trips_a_declared_stack(tmp_path):
   with pytest.raises(MismatchError, match=r"layers/q: the adapter expects a kernel \(8, 3, 16\), the params have "
                                           r"\(3, 8, 16\)"):
     load_adapter(tmp_path / "stack.safetensors", params={"layers": {"q": {"kernel": jnp.zeros((3, 8, 16))}}})
-  # A stack has no per-layer nn.Linear for PEFT.
-  with pytest.raises(NotImplementedError, match="stacked.*export merged weights instead"):
+  # A stack needs naming rules (with {layer}) to become per-layer PyTorch modules.
+  with pytest.raises(NotImplementedError, match=r"is a stacked kernel \(8, 3, 16\): name its PyTorch modules"):
     export_peft(tmp_path / "peft", adapter)
 
 

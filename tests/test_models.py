@@ -108,14 +108,15 @@ def test_dropout_is_active_only_with_a_key(tiny_llama):
   assert rel_err(run(None), run(k)) > 1e-3
 
 
-def test_inject_refuses_stacked_groups():
+def test_stacked_groups_are_declared_and_must_be_reached():
   params = {"layers": {"q": {"kernel": jnp.zeros((4, 8, 8))}}}
   # A 3-D kernel is not taken for a stack of layers unless declared.
   with pytest.raises(ValueError, match="only 2-D"):
     adapt(params, MoSConfig(rank=2, equivalent_rank=1, target_modules=["q"]))
   adapter = adapt(params, MoSConfig(rank=2, equivalent_rank=1, target_modules=["q"], stacked_modules=["q"],
                                     layer_axis=0))
-  with pytest.raises(NotImplementedError, match="merge"):
+  # Injection into scanned layers is tested in test_scan_linen.py; a block that calls nothing still fails.
+  with pytest.raises(RuntimeError, match="never reached these adapted modules: layers/q"):
     with inject(adapter):
       pass
   merged = merge(params, adapter.replace(pools=random_pools(adapter.pools)))

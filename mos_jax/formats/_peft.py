@@ -21,38 +21,49 @@ PEFT_CONFIG = "adapter_config.json"
 
 
 #: A PEFT naming rule: a regex fullmatched against a module path, and the PyTorch module name(s)
-#: (``re`` templates, ``\\1`` for groups) it becomes. Several names split ``B``'s rows into that
-#: many equal blocks, in order (a fused ``kv`` kernel becomes ``k_proj`` and ``v_proj``).
+#: (``re`` templates, ``\\1`` for groups; ``{layer}`` for a stacked kernel's layer index) it becomes.
+#: Several names split ``B``'s rows into that many equal blocks, in order (a fused ``kv`` kernel
+#: becomes ``k_proj`` and ``v_proj``).
 NameRule = tuple[str, tuple[str, ...]]
+
+
+def _rule(names: Sequence[NameRule], path: str) -> tuple[re.Match, tuple[str, ...]]:
+  for pattern, targets in names:
+    match = re.fullmatch(pattern, path)
+    if match:
+      return match, targets
+  raise ValueError(f"No PEFT naming rule matches {path!r}; add one to names=.")
 
 
 def _torch_modules(adapter: Adapter, names: Sequence[NameRule] | None,
                    ) -> dict[str, tuple[jax.Array, jax.Array]]:
-  stacked = [g.name for g in adapter.groups if g.stacked]
-  if stacked:
-    raise NotImplementedError(f"Groups {stacked} are stacked kernels, which have no per-layer nn.Linear in "
-                              "PyTorch; export merged weights instead.")
   per_layer = layer_factors(adapter)
   out = {}
   for g in adapter.groups:
     for path in g.paths:
       a, b = per_layer[path]
       if names is None:
-        if (g.in_axes, g.out_axes) != ((0,), (1,)):
+        if g.stacked or (g.in_axes, g.out_axes) != ((0,), (1,)):
           raise NotImplementedError(
-              f"Group {g.name!r} is an einsum-style kernel {g.kernel_shape}: name its PyTorch modules with "
-              "names=[(regex, (torch names...))] (e.g. mos_jax.nnx.PEFT_NAMES['gemma3']).")
+              f"Group {g.name!r} is {'a stacked' if g.stacked else 'an einsum-style'} kernel {g.full_shape}: name "
+              "its PyTorch modules with names=[(regex, (torch names...))] (e.g. mos_jax.nnx.PEFT_NAMES['gemma3']; "
+              "'{layer}' stands for a stacked kernel's layer index).")
         out[path.replace("/", ".")] = (a, b)
         continue
-      match = next((m for m in (re.fullmatch(p, path) for p, _ in names) if m), None)
-      if match is None:
-        raise ValueError(f"No PEFT naming rule matches {path!r}; add one to names=.")
-      targets = next(t for p, t in names if re.fullmatch(p, path))
-      rows = b.shape[0] // len(targets)
-      if rows * len(targets) != b.shape[0]:
-        raise ValueError(f"{path!r}: d_out={b.shape[0]} does not split into {len(targets)} modules {targets}.")
-      for k, target in enumerate(targets):
-        out[match.expand(target)] = (a, b[k * rows:(k + 1) * rows])
+      match, targets = _rule(names, path)
+      layers = range(g.num_layers) if g.stacked else [None]
+      for layer in layers:
+        a_i, b_i = (a, b) if layer is None else (a[layer], b[layer])
+        rows = b_i.shape[0] // len(targets)
+        if rows * len(targets) != b_i.shape[0]:
+          raise ValueError(f"{path!r}: d_out={b_i.shape[0]} does not split into {len(targets)} modules {targets}.")
+        for k, target in enumerate(targets):
+          name = match.expand(target)
+          if layer is not None:
+            if "{layer}" not in target:
+              raise ValueError(f"{path!r} is a stacked kernel: its PEFT name {target!r} needs '{{layer}}'.")
+            name = name.replace("{layer}", str(layer))
+          out[name] = (a_i, b_i[k * rows:(k + 1) * rows])
   return out
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Iterator
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mos_jax.core import KERNEL, Adapter, Factors, KernelLayout, assemble, low_rank_term, require_adapter
+from mos_jax.core import KERNEL, Adapter, AdapterStack, Factors, KernelLayout, assemble, low_rank_term, require_adapter
 from mos_jax.linen._intercept import AdaptedCalls, flat_io, intercept_kernel_calls, module_input, module_layout
 
 
@@ -31,6 +32,9 @@ def inject(adapter: Adapter, *, factors: Factors | None = None,
   called (traced) inside the ``with``. The input is cast to the pools' dtype
   and the term back to the layer's.
 
+  Layers of a stacked group (run by ``nn.scan``) take their factors from the
+  params: call the model with :func:`attach` ``(params, adapter)``.
+
   On leaving the block, every adapted module must have been called: a module
   the model never ran through the interceptor (a custom layer, a cached trace)
   raises ``RuntimeError`` naming it, instead of training nothing silently.
@@ -51,7 +55,6 @@ def inject(adapter: Adapter, *, factors: Factors | None = None,
     ValueError: (during the call) a targeted layer has another shape or layout
       than the adapter's, or matches its targets without having factors.
     RuntimeError: (on exit) an adapted module was never called.
-    NotImplementedError: the adapter has stacked (scanned) groups.
 
   Example:
     >>> with inject(adapter):  # doctest: +SKIP
@@ -59,7 +62,9 @@ def inject(adapter: Adapter, *, factors: Factors | None = None,
   """
   config = require_adapter(adapter, "inject").config
   calls = AdaptedCalls(config, adapter.groups)
-  factors = assemble(adapter) if factors is None else _checked(factors, adapter)
+  per_layer = any(not g.stacked for g in adapter.groups)
+  if per_layer:
+    factors = assemble(adapter) if factors is None else _checked(factors, adapter)
   use_dropout = dropout_rng is not None and config.dropout > 0.0
 
   def handle(module, next_fun, args, kwargs):
@@ -68,15 +73,84 @@ def inject(adapter: Adapter, *, factors: Factors | None = None,
     if found is None:
       return y
     path, group, i = found
-    a, b = factors[group.name]["A"][i], factors[group.name]["B"][i]
+    if i is None:
+      a, b, key = _sliced_factors(module, path)
+    else:
+      a, b, key = factors[group.name]["A"][i], factors[group.name]["B"][i], None
     x, unflatten = flat_io(module, group, module_input(args, kwargs).astype(a.dtype), args, kwargs)
     if use_dropout:
-      x = _dropout(x, config.dropout, jax.random.fold_in(dropout_rng, calls.ordinal[path]))
+      rng = jax.random.fold_in(dropout_rng, calls.ordinal[path])
+      x = _dropout(x, config.dropout, rng if key is None else jax.random.fold_in(rng, key))
     return y + unflatten(low_rank_term(x, a, b, config.scale)).astype(y.dtype)
 
   with intercept_kernel_calls(handle):
     yield
   calls.check_all_hit()
+
+
+#: Names of the leaves :func:`attach` puts next to a stacked kernel: the layers' ``A``, ``B`` and index.
+MOS_A, MOS_B, MOS_LAYER = "mos_a", "mos_b", "mos_layer"
+
+
+def attach(params: Any, adapter: Adapter | AdapterStack) -> Any:
+  """Params with each stacked group's factors beside its kernel, for models that ``nn.scan`` their layers.
+
+  A scanned model slices every params leaf along the layer axis, so the factors
+  reach each iteration the same way as the kernel: ``mos_a`` ``(r, d_in)``,
+  ``mos_b`` ``(d_out, r)`` and ``mos_layer`` (the layer's index) per layer,
+  stacked on the group's ``layer_axis`` next to ``kernel``. They are assembled
+  here, once, outside the scan (one gather per pool); gradients flow back to the
+  pools. :func:`inject` then adds each layer's term from its slice.
+  :func:`adapted_loss` and :func:`make_train_step` call this for you. For an
+  :class:`~mos_jax.core.AdapterStack` (multi-adapter serving) only ``mos_layer``
+  is added: :func:`inject_multi` gathers each row's factors for that layer.
+
+  Args:
+    params: the base params (dict or ``FrozenDict``).
+    adapter: the adapter, or a stack of adapters; only stacked groups get leaves.
+
+  Returns:
+    The params with the extra leaves (the same container type).
+
+  Example:
+    >>> with inject(adapter):  # doctest: +SKIP
+    ...   y = model.apply({"params": attach(params, adapter)}, x)
+  """
+  serving = isinstance(adapter, AdapterStack)
+  groups = adapter.groups if serving else require_adapter(adapter, "attach").groups
+  stacked = [g for g in groups if g.stacked]
+  if not stacked:
+    return params
+  factors = None if serving else assemble(adapter)
+  frozen = isinstance(params, flax.core.FrozenDict)
+  tree = flax.core.unfreeze(params)
+  for g in stacked:
+    node = tree
+    for part in g.paths[0].split("/"):
+      node = node[part]
+    axis = g.layer_axis
+    node[MOS_LAYER] = jnp.moveaxis(jnp.arange(g.num_layers, dtype=jnp.int32)[:, None], 0, axis)
+    if factors is not None:
+      node[MOS_A] = jnp.moveaxis(factors[g.name]["A"], 0, axis)
+      node[MOS_B] = jnp.moveaxis(factors[g.name]["B"], 0, axis)
+  return flax.core.freeze(tree) if frozen else tree
+
+
+def scanned_layer(module: nn.Module, path: str) -> jax.Array:
+  """Inside ``nn.scan``: the index of the layer running, from the ``mos_layer`` leaf :func:`attach` added."""
+  if not module.has_variable("params", MOS_LAYER):
+    raise ValueError(f"Stacked module {path!r} has no factors in its params: call the scanned model with "
+                     "mos_jax.linen.attach(params, adapter) inside inject (adapted_loss and make_train_step "
+                     "do this).")
+  return module.get_variable("params", MOS_LAYER).reshape(())
+
+
+def _sliced_factors(module: nn.Module, path: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+  layer = scanned_layer(module, path)
+  if not module.has_variable("params", MOS_A):
+    raise ValueError(f"Stacked module {path!r} has a layer index but no factors: attach(params, ...) was given "
+                     "an AdapterStack; pass the Adapter for inject.")
+  return module.get_variable("params", MOS_A), module.get_variable("params", MOS_B), layer
 
 
 def _checked(factors: Factors, adapter: Adapter) -> Factors:
@@ -135,12 +209,13 @@ def adapted_loss(loss_fn: Callable[[Any, Any], jax.Array]) -> Callable[..., jax.
 
   Returns:
     ``f(adapter, params, batch, dropout_rng=None) -> scalar``: ``loss_fn`` with
-    the adapter injected; differentiate it with respect to ``adapter``.
+    the adapter injected (and, for stacked groups, :func:`attach`-ed to the
+    params); differentiate it with respect to ``adapter``.
 
   Example:
     >>> loss, grads = jax.value_and_grad(adapted_loss(loss_fn))(adapter, params, batch)  # doctest: +SKIP
   """
   def f(adapter: Adapter, params: Any, batch: Any, dropout_rng: jax.Array | None = None) -> jax.Array:
     with inject(adapter, dropout_rng=dropout_rng):
-      return loss_fn(params, batch)
+      return loss_fn(attach(params, adapter), batch)
   return f

@@ -106,18 +106,13 @@ class AdaptedCalls:
   """
 
   def __init__(self, config: MoSConfig | None, groups: tuple[Group, ...]):
-    stacked = [g.name for g in groups if g.stacked]
-    if stacked:
-      raise NotImplementedError(
-          f"Groups {stacked} are stacked (scanned) kernels: their layer index is a traced loop "
-          "variable, so the low-rank term cannot be injected per layer yet. Use mos_jax.merge for "
-          "these models, or unroll the scan.")
     self.config = config
+    # Per-layer groups: one path per layer. A stacked group: its one path, for every layer.
     self.lookup = {p: (g, i) for g in groups for i, p in enumerate(g.paths)}
     self.ordinal = {p: n for n, p in enumerate(sorted(self.lookup))}
     self.hit: set[str] = set()
 
-  def resolve(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[str, Group, int] | None:
+  def resolve(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[str, Group, int | None] | None:
     if module.is_initializing():
       return None  # shape-only passes (HF's init_cache in generate) have no kernels to check or adapt
     path = "/".join(module.path)
@@ -144,7 +139,8 @@ class AdaptedCalls:
              "layouts=mos_jax.linen.kernel_layouts(...). " if layout.module == HF_CONV1D else "")
           + "Use the adapter with the model (and layouts) it was created for.")
     self.hit.add(path)
-    return path, group, layer
+    # A stacked kernel runs inside nn.scan: its layer is the loop's, read from the sliced params.
+    return path, group, None if group.stacked else layer
 
   def check_all_hit(self) -> None:
     missing = sorted(set(self.lookup) - self.hit)

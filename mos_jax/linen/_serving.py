@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from mos_jax.core import AdapterStack, check_ids, row_factors
+from mos_jax.linen._inject import scanned_layer
 from mos_jax.linen._intercept import AdaptedCalls, flat_io, intercept_kernel_calls, module_input
 
 
@@ -22,7 +23,8 @@ def inject_multi(stack: AdapterStack, adapter_ids: jax.Array) -> Iterator[None]:
   applied as a batched rank-``r`` product (the BGMV pattern of multi-LoRA
   servers), so one compiled forward serves any mix of adapters. Inference only:
   no dropout. Call (trace) the model inside the ``with``; the first axis of
-  every adapted layer's input must be the batch.
+  every adapted layer's input must be the batch. A model that scans its layers with ``nn.scan``
+  is called with :func:`attach` ``(params, stack)``.
 
   Args:
     stack: output of :func:`mos_jax.core.stack_adapters`.
@@ -50,6 +52,8 @@ def inject_multi(stack: AdapterStack, adapter_ids: jax.Array) -> Iterator[None]:
     if found is None:
       return next_fun(*args, **kwargs)
     path, group, layer = found
+    if layer is None:  # a stacked group inside nn.scan: the layer comes from the attached params
+      layer = scanned_layer(module, path)
     a, b = row_factors(stack, group, layer, ids)
     x, unflatten = flat_io(module, group, module_input(args, kwargs).astype(a.dtype), args, kwargs)
     if x.shape[0] != ids.shape[0]:

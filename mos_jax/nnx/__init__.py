@@ -7,11 +7,11 @@ wrappers; the pools are ``nnx.LoRAParam`` (select them by type, as with
 
 from mos_jax.nnx._adapt import adapt, adapter_of, bind, load_pools, merge, mos_layers, unbind
 from mos_jax.nnx._discover import KernelModule, kernel_modules
-from mos_jax.nnx._layers import GroupPools, MoSLayer
+from mos_jax.nnx._layers import GroupPools, MoSFactor, MoSLayer, MoSModel, MoSStackedLayer
 from mos_jax.nnx._names import PEFT_NAMES
 
 #: The attention and MLP projections of a Tunix Gemma 3 decoder block.
 GEMMA3_TARGETS: tuple[str, ...] = ("q_einsum", "kv_einsum", "attn_vec_einsum", "gate_proj", "up_proj", "down_proj")
 
 __all__ = ["adapt", "adapter_of", "bind", "load_pools", "merge", "mos_layers", "unbind", "KernelModule", "kernel_modules",
-           "GroupPools", "MoSLayer", "GEMMA3_TARGETS", "PEFT_NAMES"]
+           "GroupPools", "MoSFactor", "MoSLayer", "MoSModel", "MoSStackedLayer", "GEMMA3_TARGETS", "PEFT_NAMES"]

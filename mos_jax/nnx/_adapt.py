@@ -11,7 +11,7 @@ from flax import nnx
 from mos_jax.core import (Adapter, MismatchError, MoSConfig, adapt as core_adapt, check_params, kernel_delta,
                           require_adapter)
 from mos_jax.nnx._discover import kernel_modules, kernel_tree
-from mos_jax.nnx._layers import GroupPools, MoSLayer
+from mos_jax.nnx._layers import GroupPools, MoSLayer, MoSModel, MoSStackedLayer
 
 
 def _set_child(parent: Any, key: Any, value: Any) -> None:
@@ -44,6 +44,11 @@ def adapt(model: nnx.Module, config: MoSConfig | Adapter, *, rngs: nnx.Rngs | No
   (``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``, Tunix ``PeftTrainer``)
   trains them; the base weights stay ``nnx.Param``. The routing is static.
 
+  Stacked layers (created with ``nnx.vmap``, run with ``nnx.scan``; declared by
+  ``config.stacked_modules``) become :class:`MoSStackedLayer`, and the result is
+  a :class:`MoSModel` root that keeps their pools outside the scanned block and
+  re-assembles their factors at every call.
+
   Args:
     model: any NNX model.
     config: a :class:`~mos_jax.MoSConfig` (fresh pools, as :func:`mos_jax.adapt`
@@ -73,24 +78,45 @@ def adapt(model: nnx.Module, config: MoSConfig | Adapter, *, rngs: nnx.Rngs | No
     check_params(tree, adapter.config, adapter.groups, what="This adapter")
   else:
     adapter = core_adapt(tree, config, layouts={p: m.layout for p, m in found.items()})
-  stacked = [g.name for g in adapter.groups if g.stacked]
-  if stacked:
-    raise NotImplementedError(f"Groups {stacked} are stacked (scanned) kernels, which mos_jax.nnx does not "
-                              "wrap yet; unroll the layers.")
   adapter = adapter.replace(base_params=_base_count(model))
+  root_pools, stacked_layers = {}, []
   for g in adapter.groups:
     pools = GroupPools(jnp.asarray(adapter.pools[g.name]["A"]), jnp.asarray(adapter.pools[g.name]["B"]))
     for i, path in enumerate(g.paths):
       m = found[path]
-      wrapped = MoSLayer(m.module, pools, routing=adapter.routing, group=g, layer=i, kernel_name=m.kernel_name,
-                         rngs=rngs)
+      if g.stacked:
+        # The pools stay outside the scanned block (on the root), which nnx.scan would slice.
+        wrapped = MoSStackedLayer(m.module, routing=adapter.routing, group=g, kernel_name=m.kernel_name, rngs=rngs)
+        root_pools[g.name] = pools
+        stacked_layers.append(wrapped)
+      else:
+        wrapped = MoSLayer(m.module, pools, routing=adapter.routing, group=g, layer=i,
+                           kernel_name=m.kernel_name, rngs=rngs)
       _set_child(_get(adapted, m.keys[:-1]), m.keys[-1], wrapped)
-  return adapted
+  if not stacked_layers:
+    return adapted
+  root = MoSModel(adapted, root_pools, stacked_layers)
+  root.refresh()
+  return root
+
+
+def _inner(model: nnx.Module) -> nnx.Module:
+  return model.inner if isinstance(model, MoSModel) else model
 
 
 def mos_layers(model: nnx.Module) -> list[tuple[tuple[Any, ...], MoSLayer]]:
-  """``(keys, layer)`` of every :class:`MoSLayer` in the model, in graph order."""
-  return [(tuple(keys), m) for keys, m in nnx.iter_modules(model) if isinstance(m, MoSLayer)]
+  """``(keys, layer)`` of every :class:`MoSLayer` (stacked ones included) in the model, in graph order.
+
+  For a model with stacked groups (a :class:`MoSModel`), keys are relative to the wrapped model.
+  """
+  return [(tuple(keys), m) for keys, m in nnx.iter_modules(_inner(model)) if isinstance(m, MoSLayer)]
+
+
+def _all_pools(model: nnx.Module) -> dict[str, GroupPools]:
+  pools = {m.group.name: m.pools for _, m in mos_layers(model) if m.pools is not None}
+  if isinstance(model, MoSModel):
+    pools.update(zip(model.names, model.pools))
+  return pools
 
 
 def adapter_of(model: nnx.Module) -> Adapter:
@@ -110,7 +136,7 @@ def adapter_of(model: nnx.Module) -> Adapter:
     raise ValueError("This model has no MoS layers: create it with mos_jax.nnx.adapt(model, config).")
   routing = layers[0].routing
   # Copies: a training step that donates the adapter must not delete the model's own pools.
-  pools = {m.group.name: {"A": jnp.array(m.pools.a[...]), "B": jnp.array(m.pools.b[...])} for m in layers}
+  pools = {name: {"A": jnp.array(p.a[...]), "B": jnp.array(p.b[...])} for name, p in _all_pools(model).items()}
   return Adapter(pools=pools, routing=routing, base_params=_base_count(model)).replace()
 
 
@@ -125,9 +151,11 @@ def load_pools(model: nnx.Module, adapter: Adapter) -> None:
   if not layers or layers[0].routing != adapter.routing:
     raise MismatchError("The adapter's routing (config, groups or index arrays) is not this model's: "
                         "create the model with mos_jax.nnx.adapt(model, adapter) instead.")
-  for m in layers:
-    m.pools.a[...] = adapter.pools[m.group.name]["A"]
-    m.pools.b[...] = adapter.pools[m.group.name]["B"]
+  for name, p in _all_pools(model).items():
+    p.a[...] = adapter.pools[name]["A"]
+    p.b[...] = adapter.pools[name]["B"]
+  if isinstance(model, MoSModel):
+    model.refresh()
 
 
 def merge(model: nnx.Module) -> nnx.Module:
@@ -141,13 +169,16 @@ def merge(model: nnx.Module) -> nnx.Module:
     >>> plain = mos_jax.nnx.merge(model)  # doctest: +SKIP
   """
   merged = nnx.clone(model)
+  if isinstance(merged, MoSModel):
+    merged.refresh()
+  root = _inner(merged)
   for keys, layer in mos_layers(merged):
     a, b = layer.factors()
     kernel = getattr(layer.base, layer.kernel_name)
     w = kernel[...]
     kernel[...] = (w.astype(jnp.float32) + kernel_delta(layer.group, a, b, layer.routing.config.scale)).astype(w.dtype)
-    _set_child(_get(merged, keys[:-1]), keys[-1], layer.base)
-  return merged
+    _set_child(_get(root, keys[:-1]), keys[-1], layer.base)
+  return root
 
 
 def unbind(model: nnx.Module) -> tuple[nnx.GraphDef, Adapter, nnx.State]:

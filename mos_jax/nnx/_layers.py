@@ -24,6 +24,10 @@ class GroupPools(nnx.Module):
     self.b = nnx.LoRAParam(b)
 
 
+class MoSFactor(nnx.Variable):
+  """A stacked group's assembled factors, kept beside its stacked kernel (derived from the pools, not trained)."""
+
+
 class MoSLayer(nnx.Module):
   """A layer of the base model plus its MoS low-rank term: ``base(x) + (α/r)·(x Aᵀ) Bᵀ``.
 
@@ -77,12 +81,94 @@ class MoSLayer(nnx.Module):
     return EinsumSpec.parse(eq) if isinstance(eq, str) else None
 
   def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-    y = self.base(x, *args, **kwargs)
+    return _call_with_term(self, x, args, kwargs, *self.factors())
+
+
+def _call_with_term(layer: Any, x: jax.Array, args: tuple, kwargs: dict, a: jax.Array, b: jax.Array) -> jax.Array:
+  """``base(x) + (α/r)·(x Aᵀ) Bᵀ`` in the layer's output layout (shared by both wrappers)."""
+  y = layer.base(x, *args, **kwargs)
+  flat, unflatten = jnp.asarray(x).astype(a.dtype), lambda t: t
+  spec = layer._spec(args, kwargs)
+  if spec is not None:
+    flat, unflatten = spec.flat_io(flat, layer.group)
+  if layer.dropout is not None:
+    flat = layer.dropout(flat)
+  return y + unflatten(low_rank_term(flat, a, b, layer.routing.config.scale)).astype(y.dtype)
+
+
+class MoSStackedLayer(MoSLayer):
+  """A stacked (``nnx.vmap``-created, ``nnx.scan``-run) layer plus its MoS term.
+
+  ``nnx.scan`` slices every variable of the scanned block along the layer axis,
+  so this layer holds its group's factors stacked like its kernel (``a``:
+  ``(L, r, d_in)``, ``b``: ``(L, d_out, r)``, layer axis moved to the group's
+  ``layer_axis``) as :class:`MoSFactor` variables; each scan iteration sees its
+  own layer's slice. The pools live outside the scanned block, on the
+  :class:`MoSModel` root, which re-assembles these factors (one gather per pool)
+  at the start of every call, so gradients reach the pools.
+  """
+
+  def __init__(self, base: nnx.Module, *, routing: Routing, group: Group, kernel_name: str,
+               rngs: nnx.Rngs | None = None):
+    if routing.config.dropout > 0:
+      # The dropout's RNG state would sit in the scanned block and be sliced like its weights.
+      raise NotImplementedError(f"Group {group.name!r} is stacked: MoS input dropout is not supported on "
+                                "scanned NNX layers yet; use dropout=0.")
+    super().__init__(base, None, routing=routing, group=group, layer=-1, kernel_name=kernel_name, rngs=rngs)
+    r, axis, dtype = routing.config.rank, group.layer_axis, jnp.dtype(routing.config.pool_dtype)
+    self.a = MoSFactor(jnp.moveaxis(jnp.zeros((group.num_layers, r, group.d_in), dtype), 0, axis))
+    self.b = MoSFactor(jnp.moveaxis(jnp.zeros((group.num_layers, group.d_out, r), dtype), 0, axis))
+
+  def set_factors(self, a: jax.Array, b: jax.Array) -> None:
+    """Stores the group's stacked ``A: (L, r, d_in)``, ``B: (L, d_out, r)``."""
+    self.a[...] = jnp.moveaxis(a, 0, self.group.layer_axis)
+    self.b[...] = jnp.moveaxis(b, 0, self.group.layer_axis)
+
+  def factors(self) -> tuple[jax.Array, jax.Array]:
+    """Inside ``nnx.scan``: this layer's ``(A, B)``; outside: the stacked ``(L, ...)`` pair."""
+    a, b = self.a[...], self.b[...]
+    if a.ndim == 3:
+      return jnp.moveaxis(a, self.group.layer_axis, 0), jnp.moveaxis(b, self.group.layer_axis, 0)
+    return a, b
+
+  def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
     a, b = self.factors()
-    flat, unflatten = jnp.asarray(x).astype(a.dtype), lambda t: t
-    spec = self._spec(args, kwargs)
-    if spec is not None:
-      flat, unflatten = spec.flat_io(flat, self.group)
-    if self.dropout is not None:
-      flat = self.dropout(flat)
-    return y + unflatten(low_rank_term(flat, a, b, self.routing.config.scale)).astype(y.dtype)
+    if a.ndim != 2:
+      raise ValueError(f"Stacked MoS layer {self.group.name!r} was called outside nnx.scan (its factors are "
+                       f"{a.shape}); call it through the scan that runs the stack.")
+    return _call_with_term(self, x, args, kwargs, a, b)
+
+
+class MoSModel(nnx.Module):
+  """The root of a model with stacked groups: their pools, and a call that refreshes their factors first.
+
+  Attribute access falls through to the wrapped model, so code that reads the
+  model's attributes (``model.config``) keeps working. Only ``__call__`` (and
+  :meth:`refresh`) re-assembles the factors: a method reached through that
+  fall-through sees those of the last call.
+  """
+
+  def __init__(self, inner: nnx.Module, pools: dict[str, GroupPools], stacked: list[MoSStackedLayer]):
+    self.inner = inner
+    self.names = tuple(pools)
+    self.pools = nnx.List([pools[n] for n in self.names])
+    self.stacked = nnx.List(stacked)
+
+  def __getattr__(self, name: str) -> Any:
+    inner = self.__dict__.get("inner")
+    if inner is None or name.startswith("__"):
+      raise AttributeError(name)
+    return getattr(inner, name)
+
+  def refresh(self) -> None:
+    """Re-assembles every stacked layer's factors from the pools (one gather per pool)."""
+    pools = dict(zip(self.names, self.pools))
+    for layer in self.stacked:
+      g, routing = layer.group, layer.routing
+      p = pools[g.name]
+      layer.set_factors(*gather_factors(p.a[...], p.b[...], routing.index_a[g.name], routing.index_b[g.name],
+                                        g, routing.config.rank))
+
+  def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    self.refresh()
+    return self.inner(*args, **kwargs)

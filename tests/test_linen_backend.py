@@ -329,3 +329,22 @@ def test_adapter_is_a_pytree_of_its_pools_and_trains_with_optax(tiny_llama):
   assert isinstance(new, mos_jax.Adapter) and new.routing == adapter.routing
   assert float(loss1) < float(loss0)
   assert step._cache_size() == 1  # a new adapter value with the same routing does not recompile
+
+
+class SwappedAxes(nn.Module):
+  """DenseGeneral contracting two input axes written out of order: Flax sorts them for the kernel."""
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(2):
+      x = nn.DenseGeneral((3, 5), axis=(-1, -2), name=f"proj_{i}")(x)
+    return x
+
+
+def test_dense_general_with_unsorted_axes_matches_merge():
+  module, x = SwappedAxes(), jax.random.normal(jax.random.key(0), (2, 3, 5))
+  params = _params(module, x)
+  layouts = mos_jax.linen.kernel_layouts(lambda p, v: module.apply({"params": p}, v), params, x)
+  config = mos_jax.MoSConfig.lora(2, target_modules=r"proj_\d")
+  _, adapted, merged, base = _adapted_vs_merged(module, params, x, config, layouts)
+  assert rel_err(adapted, merged) < RTOL and rel_err(adapted, base) > 1e-3

@@ -391,3 +391,34 @@ def _reaches(model, keys):
   for k in keys:
     node = node[k] if isinstance(k, int) else getattr(node, k)
   return node
+
+
+def test_adapted_model_keeps_its_own_pools_when_the_adapter_is_donated():
+  model = tiny_llama3()
+  config = mos_jax.MoSConfig(rank=4, equivalent_rank=2, shards_per_vector=2)
+  adapter = mos_jax.nnx.adapter_of(mos_jax.nnx.adapt(model, config))
+  adapter = adapter.replace(pools=random_pools(adapter.pools, seed=7))
+  for adapted in (mos_jax.nnx.adapt(model, adapter), mos_jax.nnx.adapt(model, config)):
+    mos_jax.nnx.load_pools(adapted, adapter)
+    expected = logits(adapted)
+    step = mos_jax.train.make_step(lambda a, s, b, r: sum(jnp.sum(x) for x in jax.tree_util.tree_leaves(a)),
+                                   optax.sgd(0.1))
+    step(adapter, optax.sgd(0.1).init(adapter), None, None, None)  # donates `adapter` itself
+    np.testing.assert_array_equal(logits(adapted), expected)
+    adapter = mos_jax.nnx.adapter_of(adapted)
+
+
+def test_bind_needs_the_step_key_for_dropout():
+  adapted = mos_jax.nnx.adapt(NNXModel(nnx.Rngs(0)), mos_jax.MoSConfig(rank=2, equivalent_rank=1, dropout=0.5,
+                                                                      target_modules=("up",)),
+                              rngs=nnx.Rngs(dropout=0))
+  graphdef, adapter, state = mos_jax.nnx.unbind(adapted)
+  adapter = adapter.replace(pools=random_pools(adapter.pools))
+  x = jnp.ones((2, 16))
+  with pytest.raises(ValueError, match="pass the step's key"):
+    mos_jax.nnx.bind(graphdef, adapter, state)
+  run = jax.jit(lambda a, s, k: mos_jax.nnx.bind(graphdef, a, s, rng=k)(x))
+  first, again, other = run(adapter, state, jax.random.key(1)), run(adapter, state, jax.random.key(1)), \
+      run(adapter, state, jax.random.key(2))
+  np.testing.assert_array_equal(first, again)
+  assert np.abs(np.asarray(first) - np.asarray(other)).max() > 1e-4

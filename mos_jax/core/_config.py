@@ -98,7 +98,7 @@ class MoSConfig:
       v = getattr(self, name)
       if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise ValueError(f"MoSConfig.{name} must be a positive integer, got {v!r}")
-    if not isinstance(self.private_rank, int) or self.private_rank < 0:
+    if not isinstance(self.private_rank, int) or isinstance(self.private_rank, bool) or self.private_rank < 0:
       raise ValueError(f"MoSConfig.private_rank must be an integer >= 0, got {self.private_rank!r}")
     r, r_e, r_p = self.rank, self.equivalent_rank, self.effective_private_rank
     if r_p > r_e:

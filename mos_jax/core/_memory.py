@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Mapping
 
 
 import jax.numpy as jnp
@@ -13,10 +13,10 @@ import numpy as np
 from mos_jax.core._adapter import count_params, trainable_count
 from mos_jax.core._config import MoSConfig
 from mos_jax.core._routing import ROUTING_VERSION, Routing, make_routing
-from mos_jax.core._targets import Group, find_groups
+from mos_jax.core._targets import Group, KernelLayout, find_groups
 
 GIB = 1 << 30
-#: Routing index arrays are int32 (see :func:`mos_jax.make_routing`).
+#: Routing index arrays are int32 (see :func:`mos_jax.core.make_routing`).
 INDEX_BYTES = np.dtype(np.int32).itemsize
 # 4-bit names numpy cannot size (nf4 is QLoRA's); counted as 4 bits, constants excluded.
 _FOUR_BIT = frozenset({"int4", "uint4", "nf4", "fp4", "float4_e2m1fn"})
@@ -249,7 +249,8 @@ def _mos_label(config: MoSConfig) -> str:
 def estimate_memory(params_or_shapes: Any, config: MoSConfig, *, lora_rank: int | None = None,
                     optimizer_moments: int = 2, state_dtype: str = "float32",
                     adapter_dtype: str = "float32", base_dtype: str = "bfloat16",
-                    count_routing: bool = True, serving_budget_gib: float = 1.0) -> MemoryEstimate:
+                    count_routing: bool = True, serving_budget_gib: float = 1.0,
+                    layouts: Mapping[str, KernelLayout] | None = None) -> MemoryEstimate:
   """Training, storage and serving memory of MoS versus LoRA, allocating nothing.
 
   Compares the MoS adapter of ``config`` with LoRA at rank ``lora_rank`` and
@@ -271,6 +272,7 @@ def estimate_memory(params_or_shapes: Any, config: MoSConfig, *, lora_rank: int 
       entries) in the file and serving size, as a native checkpoint stores
       them; ``False`` when they are regenerated from the seed.
     serving_budget_gib: memory next to the base, in GiB, for "adapters that fit".
+    layouts: kernel layouts from the model's backend, as for :func:`mos_jax.adapt`.
 
   Returns:
     A :class:`MemoryEstimate`; ``print`` it for a table.
@@ -293,7 +295,7 @@ def estimate_memory(params_or_shapes: Any, config: MoSConfig, *, lora_rank: int 
     raise ValueError(f"optimizer_moments must be an integer >= 0, got {optimizer_moments!r}")
   if not serving_budget_gib > 0:
     raise ValueError(f"serving_budget_gib must be > 0, got {serving_budget_gib!r}")
-  groups = find_groups(params_or_shapes, config)
+  groups = find_groups(params_or_shapes, config, layouts=layouts)
   # Drawing the routing checks the config exactly as adapt does and counts the
   # indices a file stores; for a 7B model it is a few hundred small draws.
   mos_routing = make_routing(config, groups)

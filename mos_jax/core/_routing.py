@@ -41,10 +41,6 @@ class Routing:
   index_b: Mapping[str, np.ndarray]
   version: str = ROUTING_VERSION
 
-  @property
-  def group_by_name(self) -> dict[str, Group]:
-    return {g.name: g for g in self.groups}
-
   @functools.cached_property
   def digest(self) -> str:
     """SHA-256 over every group's name and index arrays (dtype, shape and values)."""

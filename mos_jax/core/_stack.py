@@ -105,8 +105,8 @@ def row_factors(stack: AdapterStack, group: Group, layer: int, adapter_ids: jax.
 
   One gather per pool straight from the stacked pools: row ``b`` takes shards
   ``index[ids[b], layer]`` of adapter ``ids[b]``'s pool, so no adapter's full
-  factors are ever built. Ids must lie in ``[0, K)`` (JAX clamps out-of-range
-  gathers).
+  factors are ever built. Ids must lie in ``[0, K)``: out of range, JAX clamps
+  large ids and wraps negative ones, so callers map ``-1`` themselves.
   """
   rows = adapter_ids[:, None]
   a = stack.pools[group.name]["A"][rows, stack.index_a[group.name][adapter_ids, layer]]

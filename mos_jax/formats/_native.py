@@ -12,7 +12,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from mos_jax.core import (Adapter, CorruptError, MismatchError, MoSConfig, Routing, atomic_file, check_pools,
+from mos_jax.core import (Adapter, CorruptError, MoSConfig, Routing, atomic_file, check_pools,
                           check_params, count_params, groups_from_identity, groups_identity,
                           sha256_arrays)
 
@@ -85,7 +85,7 @@ def load_adapter(path: str | Path, *, params: Any = None) -> Adapter:
   if meta.get("format") != NATIVE_FORMAT:
     raise CorruptError(f"{path} has format {meta.get('format')!r}, expected {NATIVE_FORMAT!r}: "
                        "not a file written by this version's save_adapter.")
-  if _digest(tensors) != meta["sha256"]:
+  if _digest(tensors) != meta.get("sha256"):
     raise CorruptError(f"{path}: tensors differ from those saved (checksum mismatch).")
   config = MoSConfig(**json.loads(meta["mos_config"]))
   stored = json.loads(meta["groups"])

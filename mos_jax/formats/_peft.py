@@ -45,7 +45,7 @@ def _torch_modules(adapter: Adapter, names: Sequence[NameRule] | None,
       if names is None:
         if g.stacked or (g.in_axes, g.out_axes) != ((0,), (1,)):
           raise NotImplementedError(
-              f"Group {g.name!r} is {'a stacked' if g.stacked else 'an einsum-style'} kernel {g.full_shape}: name "
+              f"Group {g.name!r} is {'a stacked' if g.stacked else 'a multi-dim or (out, in)'} kernel {g.full_shape}: name "
               "its PyTorch modules with names=[(regex, (torch names...))] (e.g. mos_jax.nnx.PEFT_NAMES['gemma3']; "
               "'{layer}' stands for a stacked kernel's layer index).")
         out[path.replace("/", ".")] = (a, b)

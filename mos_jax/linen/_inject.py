@@ -44,7 +44,8 @@ def inject(adapter: Adapter, *, factors: Factors | None = None,
     factors: the adapter's factors as :func:`mos_jax.assemble` gives them, to
       apply instead of assembling them here: one assembly reused across many
       calls, or factors trained directly (the gather-free baseline of the
-      benchmarks). Their shapes are checked against the adapter's groups.
+      benchmarks). Their shapes are checked against the adapter's per-layer
+      groups; stacked groups always take theirs from :func:`attach`.
     dropout_rng: key for the adapter-input dropout; ``None`` disables dropout
       (evaluation). Each layer folds in its own index.
 

@@ -82,7 +82,9 @@ def flat_io(module: nn.Module, group: Group, x: jax.Array, args: tuple, kwargs: 
     return _einsum(module, args, kwargs).flat_io(x, group)
   if isinstance(module, nn.DenseGeneral):
     n_in = len(group.in_axes)
-    axes = tuple(a % x.ndim for a in (module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)))
+    # Flax sorts the normalised axes: the kernel's input dims follow the input's axes in ascending order.
+    axes = tuple(sorted(a % x.ndim for a in (module.axis if isinstance(module.axis, (tuple, list))
+                                             else (module.axis,))))
     moved = jnp.moveaxis(x, axes, tuple(range(x.ndim - n_in, x.ndim)))
     lead = moved.shape[:x.ndim - n_in]
     features = tuple(group.kernel_shape[a] for a in group.out_axes)

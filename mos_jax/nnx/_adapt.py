@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mos_jax.core import (Adapter, MismatchError, MoSConfig, adapt as core_adapt, check_params, kernel_delta,
-                          require_adapter)
+from mos_jax.core import (Adapter, MismatchError, MoSConfig, adapt as core_adapt, check_params, check_pools,
+                          kernel_delta, require_adapter)
 from mos_jax.nnx._discover import kernel_modules, kernel_tree
 from mos_jax.nnx._layers import GroupPools, MoSLayer, MoSModel, MoSStackedLayer
 
@@ -53,8 +53,8 @@ def adapt(model: nnx.Module, config: MoSConfig | Adapter, *, rngs: nnx.Rngs | No
     model: any NNX model.
     config: a :class:`~mos_jax.MoSConfig` (fresh pools, as :func:`mos_jax.adapt`
       draws them), or an :class:`~mos_jax.Adapter` (e.g. from
-      :func:`mos_jax.load_adapter`), whose pools and routing are used after
-      checking that it was made for this model.
+      :func:`mos_jax.load_adapter`), whose routing and a copy of whose pools are
+      used after checking that it was made for this model (paths, shapes, layouts).
     rngs: stream ``dropout`` for the adapter's input dropout (when ``config.dropout > 0``).
 
   Returns:
@@ -76,12 +76,18 @@ def adapt(model: nnx.Module, config: MoSConfig | Adapter, *, rngs: nnx.Rngs | No
   if isinstance(config, Adapter):
     adapter = config
     check_params(tree, adapter.config, adapter.groups, what="This adapter")
+    odd = [p for g in adapter.groups for p in g.paths
+           if (found[p].layout.in_axes, found[p].layout.out_axes) != (g.in_axes, g.out_axes)]
+    if odd:
+      raise MismatchError(f"This adapter applies the kernels of {odd[:5]} with another layout (in/out axes) "
+                          "than this model's modules do: it was made for another model.")
   else:
     adapter = core_adapt(tree, config, layouts={p: m.layout for p, m in found.items()})
   adapter = adapter.replace(base_params=_base_count(model))
   root_pools, stacked_layers = {}, []
   for g in adapter.groups:
-    pools = GroupPools(jnp.asarray(adapter.pools[g.name]["A"]), jnp.asarray(adapter.pools[g.name]["B"]))
+    # Copies: the model must not share buffers with an adapter that a training step may donate.
+    pools = GroupPools(jnp.array(adapter.pools[g.name]["A"]), jnp.array(adapter.pools[g.name]["B"]))
     for i, path in enumerate(g.paths):
       m = found[path]
       if g.stacked:
@@ -146,14 +152,14 @@ def load_pools(model: nnx.Module, adapter: Adapter) -> None:
   Raises:
     MismatchError: the adapter's routing (config, groups, index arrays) is not the model's.
   """
-  require_adapter(adapter, "load_pools")
+  check_pools(require_adapter(adapter, "load_pools").pools, adapter.routing)
   layers = [m for _, m in mos_layers(model)]
   if not layers or layers[0].routing != adapter.routing:
     raise MismatchError("The adapter's routing (config, groups or index arrays) is not this model's: "
                         "create the model with mos_jax.nnx.adapt(model, adapter) instead.")
   for name, p in _all_pools(model).items():
-    p.a[...] = adapter.pools[name]["A"]
-    p.b[...] = adapter.pools[name]["B"]
+    p.a[...] = jnp.array(adapter.pools[name]["A"])  # copies, as in adapt
+    p.b[...] = jnp.array(adapter.pools[name]["B"])
   if isinstance(model, MoSModel):
     model.refresh()
 
@@ -190,16 +196,31 @@ def unbind(model: nnx.Module) -> tuple[nnx.GraphDef, Adapter, nnx.State]:
 
   Example:
     >>> graphdef, adapter, state = unbind(model)  # doctest: +SKIP
-    >>> loss_fn = lambda adapter, state, batch, rng: loss(bind(graphdef, adapter, state), batch)  # doctest: +SKIP
+    >>> loss_fn = lambda adapter, state, batch, rng: loss(bind(graphdef, adapter, state, rng=rng), batch)  # doctest: +SKIP
     >>> step = mos_jax.train.make_step(loss_fn, optax.adamw(1e-3))  # doctest: +SKIP
   """
   graphdef, state = nnx.split(model)
   return graphdef, adapter_of(model), state
 
 
-def bind(graphdef: nnx.GraphDef, adapter: Adapter, state: nnx.State) -> nnx.Module:
-  """The model of :func:`unbind` with the adapter's pools (traced values allowed)."""
+def bind(graphdef: nnx.GraphDef, adapter: Adapter, state: nnx.State, *,
+         rng: jax.Array | None = None) -> nnx.Module:
+  """The model of :func:`unbind` with the adapter's pools (traced values allowed).
+
+  Args:
+    graphdef: from :func:`unbind`.
+    adapter: the (traced) adapter.
+    state: from :func:`unbind`, a constant of the step.
+    rng: the step's key for the adapter's dropout: ``state`` is constant, so its
+      dropout stream would repeat one mask every step. Required when
+      ``adapter.config.dropout > 0``.
+  """
   # copy=True: fresh Variables of the current trace, so a traced adapter can be written into them.
   model = nnx.merge(graphdef, state, copy=True)
+  if adapter.config.dropout > 0:
+    if rng is None:
+      raise ValueError(f"MoSConfig.dropout={adapter.config.dropout}: pass the step's key, bind(..., rng=rng), "
+                       "or every step draws the same dropout mask.")
+    nnx.reseed(model, dropout=rng)
   load_pools(model, adapter)
   return model

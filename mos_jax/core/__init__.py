@@ -16,7 +16,7 @@ from mos_jax.core._memory import AdapterCost, MemoryEstimate, dtype_bits, estima
 from mos_jax.core._pools import Pools, check_pools, init_pools, pool_shapes
 from mos_jax.core._routing import ROUTING_VERSION, Routing, check_group, group_indices, make_routing
 from mos_jax.core._stack import AdapterStack, check_ids, row_factors, stack_adapters
-from mos_jax.core._targets import (DENSE, KERNEL, CorruptError, Group, MismatchError, KernelLayout, check_params, find_groups, kernel_leaves,
+from mos_jax.core._targets import (DENSE, KERNEL, CorruptError, Group, MismatchError, KernelLayout, check_params, find_groups, kernel_leaves, kernel_module,
                                    matched_kernels, matches, path_str)
 
 __all__ = [
@@ -30,6 +30,6 @@ __all__ = [
     "Pools", "check_pools", "init_pools", "pool_shapes",
     "ROUTING_VERSION", "Routing", "check_group", "group_indices", "make_routing",
     "AdapterStack", "check_ids", "row_factors", "stack_adapters",
-    "DENSE", "KERNEL", "Group", "KernelLayout", "check_params", "find_groups", "kernel_leaves",
+    "DENSE", "KERNEL", "Group", "KernelLayout", "check_params", "find_groups", "kernel_leaves", "kernel_module",
     "matched_kernels", "matches", "path_str",
 ]

@@ -15,7 +15,7 @@ import numpy as np
 
 from mos_jax.core._adapter import Adapter, require_adapter
 from mos_jax.core._pools import check_pools
-from mos_jax.core._targets import KERNEL, Group, check_params, path_str
+from mos_jax.core._targets import Group, check_params, kernel_module, path_str
 
 Factors = dict[str, dict[str, jax.Array]]
 
@@ -126,11 +126,8 @@ def _fold(params: Any, adapter: Adapter, sign: float) -> Any:
   scale = sign * adapter.config.scale
 
   def update(path, leaf):
-    p = path_str(path)
-    if not p.endswith("/" + KERNEL):
-      return leaf
-    module = p[: -len(KERNEL) - 1]
-    hit = per_path.get(module)
+    module = kernel_module(path_str(path))
+    hit = per_path.get(module) if module is not None else None
     if hit is None:
       return leaf
     return (leaf.astype(jnp.float32) + kernel_delta(by_path[module], *hit, scale)).astype(leaf.dtype)

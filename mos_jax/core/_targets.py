@@ -115,13 +115,25 @@ def path_str(path: tuple[Any, ...]) -> str:
   return "/".join(_key_name(k) for k in path)
 
 
+def kernel_module(leaf_path: str) -> str | None:
+  """The module path of a ``kernel`` leaf's "/"-joined path (``""`` at the top), ``None`` for other leaves.
+
+  Example:
+    >>> kernel_module("model/layers/0/q_proj/kernel"), kernel_module("model/norm/scale")
+    ('model/layers/0/q_proj', None)
+  """
+  if leaf_path == KERNEL:
+    return ""
+  return leaf_path[: -len(KERNEL) - 1] if leaf_path.endswith("/" + KERNEL) else None
+
+
 def kernel_leaves(params: Any) -> dict[str, Any]:
   """Maps module path -> kernel array for every leaf named ``kernel``."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    p = path_str(path)
-    if p == KERNEL or p.endswith("/" + KERNEL):
-      out[p[: -len(KERNEL) - 1] if "/" in p else ""] = leaf
+    module = kernel_module(path_str(path))
+    if module is not None:
+      out[module] = leaf
   return out
 
 

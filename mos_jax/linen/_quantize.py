@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mos_jax.core import KERNEL, matches, path_str
+from mos_jax.core import KERNEL, kernel_module, matches, path_str
 from mos_jax.linen._intercept import intercept_kernel_calls, module_input
 
 Scheme = Literal["int8", "nf4"]
@@ -240,10 +240,9 @@ def quantize(params: Any, *, scheme: Scheme = "int8", min_size: int = 4096,
         raise ValueError(f"quantize({name}={value!r}) is not a valid regex: {e}") from e
 
   def one(path: tuple[Any, ...], leaf: Any) -> Any:
-    p = path_str(path)
-    if not (p == KERNEL or p.endswith("/" + KERNEL)):
+    module_path = kernel_module(path_str(path))
+    if module_path is None:
       return leaf
-    module_path = p[: -len(KERNEL) - 1] if "/" in p else ""
     if not _selected(module_path, leaf, min_size, pattern, exclude):
       return leaf
     return quantize_int8(leaf) if scheme == "int8" else quantize_nf4(leaf, block_size)

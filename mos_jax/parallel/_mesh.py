@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from mos_jax.core import KERNEL, Adapter, MoSConfig, matches, path_str
+from mos_jax.core import KERNEL, Adapter, MoSConfig, kernel_module, matches, path_str
 
 AXES = ("data", "fsdp", "tensor")
 #: Batch rows are split over both data-parallel axes.
@@ -83,8 +83,8 @@ def base_spec(path: str, shape: tuple[int, ...], mesh: Mesh, *, layer_axis: int 
   """
   spec: list[Any] = [None] * len(shape)
   dims = [d for d in range(len(shape)) if d != layer_axis]
-  module = path[: -len(KERNEL) - 1] if path.endswith("/" + KERNEL) else path
-  if path.endswith("/" + KERNEL) and len(dims) == 2:
+  module = kernel_module(path)
+  if module is not None and len(dims) == 2:
     for pattern, dim in tensor_rules:
       if re.fullmatch(pattern, module) and _fits(mesh, shape[dims[dim]], "tensor"):
         spec[dims[dim]] = "tensor"
@@ -111,8 +111,8 @@ def base_shardings(params: Any, mesh: Mesh, *, config: MoSConfig | None = None, 
   """
   def one(path, x):
     p = path_str(path)
-    stacked = config is not None and p.endswith("/" + KERNEL) and matches(p[: -len(KERNEL) - 1],
-                                                                         config.stacked_modules)
+    module = kernel_module(p)
+    stacked = config is not None and module is not None and matches(module, config.stacked_modules)
     return NamedSharding(mesh, base_spec(p, tuple(x.shape), mesh,
                                          layer_axis=config.layer_axis if stacked else None, **kwargs))
 

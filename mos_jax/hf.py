@@ -14,7 +14,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mos_jax.core import Adapter, KernelLayout, atomic_dir, merge
+from mos_jax.core import (Adapter, KernelLayout, MismatchError, atomic_dir, differences, merge, tree_layout,
+                          write_manifest)
 from mos_jax.linen import inject, kernel_layouts as _linen_layouts
 
 
@@ -158,14 +159,29 @@ def export_merged(folder: str | Path, model: Any, params: Any, adapter: Adapter)
   Returns:
     The folder.
 
+  Raises:
+    MismatchError: ``params`` do not have the shapes ``model``'s config gives
+      (the folder would not load); nothing is written.
+
   Example:
     >>> export_merged("out/merged", model, model.params, adapter)  # doctest: +SKIP
     >>> FlaxLlamaForCausalLM.from_pretrained("out/merged")  # doctest: +SKIP
   """
+  # config.json comes from the model, the weights from params: they must describe one model.
+  shape_of = lambda layout: {path: shape for path, (shape, _) in layout.items()}
+  expected = shape_of(tree_layout(param_shapes(type(model), model.config)))
+  diffs = differences({"params": expected}, {"params": shape_of(tree_layout(params))},
+                      names=("the model's config", "the params tree"))
+  if diffs:
+    shown = "\n  - ".join(diffs[:20]) + (f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else "")
+    raise MismatchError(f"export_merged: the params are not the model's ({type(model).__name__} with its "
+                        f"config) shapes, so the folder would not load:\n  - {shown}\nPass the model whose "
+                        "params these are.")
   merged = merge(params, adapter)
   folder = Path(folder)
   with atomic_dir(folder) as tmp:
     # transformers writes safetensors only unsharded (its sharded path falls back to
     # msgpack), so the shard limit is set above any model this targets.
     model.save_pretrained(str(tmp), params=merged, safe_serialization=True, max_shard_size="10000GB")
+    write_manifest(tmp)  # transformers ignores it; mos_jax.formats.verify_export checks it
   return folder

@@ -36,7 +36,13 @@ pytestmark = pytest.mark.filterwarnings(
 
 ROOT = Path(__file__).resolve().parents[1]
 QUARANTINE = "corrupt"  # TrainCheckpointer's folder for unreadable steps (its documented <directory>/corrupt/)
+LOCK = ".writer.lock"  # its documented writer lock file
 MOS = MoSConfig(rank=4, equivalent_rank=1, shards_per_vector=2)  # N = 1·4·2 = 8 shards: splits over 8 devices
+
+
+def entries(folder):
+  """The folder's entries but the writer's lock file, sorted."""
+  return sorted(p.name for p in folder.iterdir() if p.name != LOCK)
 
 
 def assert_trees_equal(a, b):
@@ -92,7 +98,7 @@ def test_saves_every_n_and_keeps_the_last_k(llama_adapter, tmp_path):
     assert ckpt.save(7, state, force=True)  # e.g. on SIGTERM or at the last step
     ckpt.wait()
     assert ckpt.all_steps() == [6, 7] and ckpt.latest_step() == 7
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["6", "7"]
+  assert entries(tmp_path) == ["6", "7"]
 
 
 @pytest.mark.parametrize("saved, restored", [(P(), P("x")), (P("x"), P())])
@@ -155,7 +161,7 @@ def test_refuses_another_seed_config_or_model(tiny_llama, llama_adapter, tmp_pat
   assert "base_model[model/embed_tokens/embedding]: the checkpoint has [[64, 32], 'float32'], " \
          "this run has [[64, 64], 'float32']" in message
   # Refusals never move or delete the (good) checkpoint.
-  assert [p.name for p in tmp_path.iterdir()] == ["1"]
+  assert entries(tmp_path) == ["1"]
 
 
 def _delete_arrays(step_dir):
@@ -248,7 +254,7 @@ def test_crash_during_save_leaves_no_complete_step(tmp_path, when):
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 17, proc.stderr[-2000:]
-  leftovers = [p.name for p in path.iterdir() if p.name != "1"]
+  leftovers = [name for name in entries(path) if name != "1"]
   assert len(leftovers) == 1 and leftovers[0].startswith("2.orbax-checkpoint-tmp"), leftovers
   # At the commit every file is there; only the rename that makes it a step is missing.
   assert (path / leftovers[0] / "state" / "commit_success.txt").exists() == (when == "commit")
@@ -262,7 +268,7 @@ def test_crash_during_save_leaves_no_complete_step(tmp_path, when):
     ckpt.save(2, like)
     ckpt.wait()
     assert ckpt.all_steps() == [1, 2]
-  assert sorted(p.name for p in path.iterdir()) == ["1", "2"]  # the stale temp folder is gone
+  assert entries(path) == ["1", "2"]  # the stale temp folder is gone
 
 
 # --- resuming the experiments' training loop ---------------------------------------------
@@ -343,7 +349,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, batches):
   with pytest.raises(loop.Interrupted) as stop:
     run_fit(run, batches(kill_at=4), checkpoint_every=3)
   assert stop.value.step == 4 and stop.value.code == 143
-  assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [3, 4]
+  assert entries(run / "checkpoints") == ["3", "4"]
   with open(run / "metrics.jsonl", "a") as log:  # a row after the checkpoint, lost with the "crash"
     log.write(json.dumps({"step": 5, "loss": -1.0}) + "\n")
 

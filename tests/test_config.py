@@ -1,3 +1,7 @@
+import dataclasses
+import json
+
+import numpy as np
 import pytest
 
 from mos_jax import MoSConfig
@@ -45,3 +49,55 @@ def test_config_is_frozen_and_hashable():
   assert hash(cfg) == hash(MoSConfig(rank=4, equivalent_rank=1, target_modules=("q_proj",)))
   with pytest.raises(AttributeError):
     cfg.rank = 2
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("seed", -1, r"seed must be an integer in \[0, 2\*\*32\)"),
+    ("seed", "0", "seed must be an integer"),
+    ("seed", 1.5, "seed must be an integer"),
+    ("seed", 2**63, "seed must be an integer"),
+    ("seed", 2**32, "seed must be an integer"),  # jax.random.key would fold it onto seed 0
+    ("seed", True, "seed must be an integer"),
+    ("rank", 4.0, "rank must be a positive integer"),
+    ("alpha", float("nan"), "alpha must be finite"),
+    ("alpha", float("inf"), "alpha must be finite"),
+    ("alpha", "16", "alpha must be a number"),
+    ("alpha", None, "alpha must be a number"),
+    ("alpha", 0.0, "alpha must be > 0"),
+    ("alpha", True, "alpha must be a number"),
+    ("dropout", "0.1", "dropout must be a number"),
+    ("subset_selection", "no", "subset_selection must be True or False"),
+    ("pair_dissociation", 1, "pair_dissociation must be True or False"),
+    ("vector_sharding", None, "vector_sharding must be True or False"),
+    ("shard_privatization", "False", "shard_privatization must be True or False"),
+    ("pool_dtype", np.dtype("int32"), "pool_dtype must be a float dtype"),
+    ("pool_dtype", "f32x", "pool_dtype must be a float dtype"),
+])
+def test_every_field_is_validated_and_named(field, value, message):
+  with pytest.raises(ValueError, match=message):
+    MoSConfig(**{"rank": 4, "equivalent_rank": 1, field: value})
+
+
+def test_numpy_values_are_normalised_to_json_types():
+  import jax.numpy as jnp
+  cfg = MoSConfig(rank=np.int64(4), equivalent_rank=np.int32(1), private_rank=np.int8(0), seed=np.int64(3),
+                  alpha=np.float32(16.0), dropout=np.float64(0.1), subset_selection=np.bool_(True),
+                  pool_dtype=np.dtype("float32"), layer_axis=np.int64(1))
+  fields = dataclasses.asdict(cfg)
+  json.dumps(fields)  # the old failure: "int64 is not JSON serializable" at save time
+  assert type(cfg.seed) is int and cfg.seed == 3 and type(cfg.rank) is int and type(cfg.layer_axis) is int
+  assert type(cfg.alpha) is float and type(cfg.subset_selection) is bool and cfg.pool_dtype == "float32"
+  assert MoSConfig(rank=4, equivalent_rank=1, pool_dtype=jnp.bfloat16).pool_dtype == "bfloat16"
+  assert MoSConfig(rank=4, equivalent_rank=1, pool_dtype=np.float16).pool_dtype == "float16"
+  # Normalised values compare and hash equal to the plain ones: one routing, one compiled step.
+  assert cfg == MoSConfig(rank=4, equivalent_rank=1, seed=3, dropout=0.1, layer_axis=1, alpha=16)
+
+
+def test_numpy_config_survives_adapt_and_save(tmp_path):
+  import jax.numpy as jnp
+  import mos_jax
+  params = {"layers": {str(i): {"q_proj": {"kernel": jnp.ones((8, 8))}} for i in range(2)}}
+  cfg = MoSConfig(rank=np.int64(2), equivalent_rank=np.int64(1), seed=np.int64(3), pool_dtype=np.dtype("float32"))
+  adapter = mos_jax.adapt(params, cfg)
+  mos_jax.save_adapter(tmp_path / "a.safetensors", adapter)
+  assert mos_jax.load_adapter(tmp_path / "a.safetensors").config == cfg

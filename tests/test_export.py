@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ import mos_jax.hf
 from mos_jax import MoSConfig, adapt, export_peft, inject, load_adapter, merge, save_adapter
 from mos_jax.core import CorruptError, MismatchError, delta_weight, layer_factors
 from mos_jax.formats import load_peft_factors
+HEADER_KEY = "mos_jax.adapter"  # the native file's one metadata entry (format 3)
 
 MOS = MoSConfig(rank=4, equivalent_rank=2, private_rank=1, shards_per_vector=2, alpha=8.0)
 IDS = np.random.default_rng(0).integers(0, 64, size=(2, 9)).astype(np.int32)
@@ -100,13 +102,103 @@ def test_native_file_refuses_another_model_and_damage(trained, tmp_path):
   truncated.write_bytes(path.read_bytes()[:-100])
   with pytest.raises(CorruptError, match="not a readable safetensors"):
     load_adapter(truncated)
-  # A file of the previous format (or of another tool) is refused by its format entry.
+  # A file of an unknown format (or of another tool) is refused by its format entry.
+  header, tensors = read_native(path)
+  old = tmp_path / "old.safetensors"
+  save_file(tensors, str(old), metadata={"format": "mos_jax.adapter/1"})
+  with pytest.raises(CorruptError, match="format 'mos_jax.adapter/1', expected 'mos_jax.adapter/3'"):
+    load_adapter(old)
+
+
+def read_native(path):
   with safe_open(str(path), framework="numpy") as f:
     meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-  old = tmp_path / "old.safetensors"
-  save_file(tensors, str(old), metadata={**meta, "format": "mos_jax.adapter/1"})
-  with pytest.raises(CorruptError, match="format 'mos_jax.adapter/1', expected 'mos_jax.adapter/2'"):
-    load_adapter(old)
+  assert list(meta) == [HEADER_KEY]
+  return json.loads(meta[HEADER_KEY]), tensors
+
+
+def write_native(path, header, tensors):
+  save_file(tensors, str(path), metadata={HEADER_KEY: json.dumps(header)})
+  return path
+
+
+def test_native_file_header_is_inside_the_checksum(trained, tmp_path):
+  """Issue 13.3: one flipped bit turned alpha 16 into 96 and the file loaded (scale 48, not 8)."""
+  path = save_adapter(tmp_path / "adapter.safetensors", trained)
+  data = path.read_bytes()
+  # The header is a JSON string inside safetensors' own JSON header: its quotes are escaped.
+  at = data.index(b'alpha\\":8.0')
+  flipped = bytearray(data)
+  flipped[at + len(b'alpha\\":')] ^= 0x01  # "8.0" -> "9.0": still valid JSON, still a valid config
+  (tmp_path / "alpha.safetensors").write_bytes(bytes(flipped))
+  with pytest.raises(CorruptError, match="checksum mismatch"):
+    load_adapter(tmp_path / "alpha.safetensors")
+  # A rank edited 4 -> 2 is reported as damage, not as a reshape error deep in assemble.
+  at = data.index(b'"rank\\":4')
+  edited = data[:at] + b'"rank\\":2' + data[at + len(b'"rank\\":4'):]
+  (tmp_path / "rank.safetensors").write_bytes(edited)
+  with pytest.raises(CorruptError, match="checksum mismatch"):
+    load_adapter(tmp_path / "rank.safetensors")
+  # Every single-bit flip inside the header is damage (or unreadable), never a quiet load.
+  start, end = 8, 8 + int.from_bytes(data[:8], "little")
+  rng = np.random.default_rng(0)
+  for pos in rng.choice(np.arange(start, end), size=40, replace=False):
+    bad = bytearray(data)
+    bad[pos] ^= 1 << int(rng.integers(8))
+    (tmp_path / "bit.safetensors").write_bytes(bytes(bad))
+    with pytest.raises(CorruptError):
+      load_adapter(tmp_path / "bit.safetensors")
+
+
+def test_native_file_with_valid_checksum_but_impossible_contents_is_refused(trained, tmp_path):
+  """A hand-edited file whose checksum was recomputed: out-of-range shard ids are caught on load."""
+  import hashlib
+  from mos_jax.core import sha256_arrays
+
+  def _digest(header, tensors):  # the documented checksum, recomputed independently to forge a file
+    body = json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True, separators=(",", ":"))
+    h = hashlib.sha256(body.encode())
+    h.update(sha256_arrays((k, tensors[k]) for k in sorted(tensors)).encode())
+    return h.hexdigest()
+
+  header, tensors = read_native(save_adapter(tmp_path / "a.safetensors", trained))
+  name = next(k for k in tensors if k.endswith("index_a"))
+  tensors[name] = tensors[name] + 1000
+  header["sha256"] = _digest(header, tensors)
+  with pytest.raises(CorruptError, match="do not fit together.*outside the pool"):
+    load_adapter(write_native(tmp_path / "forged.safetensors", header, tensors))
+
+
+def test_native_format_2_files_still_load_with_a_warning(trained, tmp_path):
+  from mos_jax.core import sha256_arrays
+  header, tensors = read_native(save_adapter(tmp_path / "a.safetensors", trained))
+  legacy = {"format": "mos_jax.adapter/2", "mos_config": json.dumps(header["mos_config"]),
+            "routing_version": header["routing_version"], "groups": json.dumps(header["groups"]),
+            "base_params": str(header["base_params"]),
+            "sha256": sha256_arrays((k, tensors[k]) for k in sorted(tensors))}
+  save_file(tensors, str(tmp_path / "v2.safetensors"), metadata=legacy)
+  with pytest.warns(UserWarning, match="format-2 adapter file"):
+    loaded = load_adapter(tmp_path / "v2.safetensors")
+  assert loaded.routing == trained.routing
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded.pools, trained.pools)
+
+
+def test_native_files_are_byte_reproducible_across_processes(tmp_path):
+  """Issue 13.9: safetensors wrote several metadata keys in a per-process random order."""
+  import hashlib
+  import subprocess
+  import sys
+  script = (
+      "import sys, jax.numpy as jnp, mos_jax\n"
+      "params = {'layers': {str(i): {'q_proj': {'kernel': jnp.ones((8, 8))}, 'v_proj': {'kernel': jnp.ones((8, 4))}}"
+      " for i in range(3)}}\n"
+      "mos_jax.save_adapter(sys.argv[1], mos_jax.adapt(params, mos_jax.MoSConfig(rank=2, equivalent_rank=1, seed=5)))\n")
+  digests = set()
+  for k in range(3):
+    out = tmp_path / f"a{k}.safetensors"
+    subprocess.run([sys.executable, "-c", script, str(out)], check=True, env={**os.environ, "PYTHONHASHSEED": str(k)})
+    digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
+  assert len(digests) == 1
 
 
 def test_native_file_mismatch_names_the_shared_groups_missing_layers(trained, tmp_path):
@@ -124,10 +216,9 @@ def test_native_file_mismatch_names_the_shared_groups_missing_layers(trained, tm
 
 def test_native_file_stores_the_groups_layouts(trained, tmp_path):
   path = save_adapter(tmp_path / "adapter.safetensors", trained)
-  with safe_open(str(path), framework="numpy") as f:
-    meta = f.metadata()
-  assert meta["format"] == "mos_jax.adapter/2"
-  groups = json.loads(meta["groups"])
+  header, _ = read_native(path)
+  assert header["format"] == "mos_jax.adapter/3"
+  groups = header["groups"]
   assert groups["model/layers/*/self_attn/k_proj"] == {
       "paths": [f"model/layers/{i}/self_attn/k_proj" for i in range(4)], "kernel_shape": [32, 16],
       "in_axes": [0], "out_axes": [1], "num_layers": 4, "layer_axis": None}
@@ -198,8 +289,49 @@ def test_exports_replace_an_existing_folder_whole(trained, tmp_path):
   folder.mkdir()
   (folder / "stale.bin").write_text("old")
   export_peft(folder, trained)
-  assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+  assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                      "mos_jax_manifest.json"]
   assert sorted(p.name for p in tmp_path.iterdir()) == ["peft"]  # no temp folders left
+
+
+def test_merged_export_refuses_params_of_another_model(tiny_llama, trained, tmp_path):
+  """Issue 13.7: a hidden-64 model with hidden-32 params wrote a folder that then failed to load."""
+  from transformers import LlamaConfig
+  with hf_numerics():
+    wide = FlaxLlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=48, num_hidden_layers=4,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                            tie_word_embeddings=False), _do_init=False)
+  with pytest.raises(MismatchError, match=r"params are not the model's") as err:
+    mos_jax.hf.export_merged(tmp_path / "merged", wide, tiny_llama.params, trained)
+  assert "embed_tokens/embedding]: the model's config has [64, 64], the params tree has [64, 32]" in str(err.value)
+  assert "Pass the model whose params these are" in str(err.value)
+  assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_exports_carry_a_manifest_that_catches_damage(tiny_llama, trained, tmp_path):
+  from mos_jax.formats import verify_export
+  peft = export_peft(tmp_path / "peft", trained)
+  merged = mos_jax.hf.export_merged(tmp_path / "merged", tiny_llama, tiny_llama.params, trained)
+  for folder, name in ((peft, "adapter_model.safetensors"), (merged, "model.safetensors"),
+                       (peft, "adapter_config.json")):
+    assert verify_export(folder)
+    original = (folder / name).read_bytes()
+    flipped = bytearray(original)
+    flipped[len(original) // 2] ^= 0x04
+    (folder / name).write_bytes(bytes(flipped))
+    with pytest.raises(CorruptError, match=f"{name}: content differs"):
+      verify_export(folder)
+    if folder == peft:
+      with pytest.raises(CorruptError, match="checksum mismatch"):
+        load_peft_factors(folder)
+    (folder / name).write_bytes(original[:-10])
+    with pytest.raises(CorruptError, match=f"{name}: {len(original) - 10} bytes, {len(original)} written"):
+      verify_export(folder)
+    (folder / name).write_bytes(original)
+    assert verify_export(folder)
+  (peft / "extra.bin").write_bytes(b"x")
+  with pytest.raises(CorruptError, match="extra.bin: not in the manifest"):
+    verify_export(peft)
 
 
 def test_bert_export_names_modules_like_pytorch(tiny_bert, tmp_path):

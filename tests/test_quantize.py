@@ -278,3 +278,18 @@ def test_train_step_on_quantized_base_learns(tiny_llama, qllama):
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.tree_util.tree_map(np.asarray, qllama), before)
   assert isinstance(qllama["lm_head"]["kernel"], QuantizedKernel)
   assert not isinstance(qllama["lm_head"]["kernel"], NF4Kernel)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_non_finite_kernels_are_refused_at_quantization_time(scheme):
+  """Issue 13.8: one NaN turned its whole int8 column / NF4 block into NaN, silently."""
+  from mos_jax.linen import quantize
+  kernel = np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32)
+  for bad in (np.nan, np.inf, -np.inf):
+    w = kernel.copy()
+    w[5, 3] = bad
+    params = {"layers": {"0": {"mlp": {"kernel": jnp.asarray(w)}}}}
+    with pytest.raises(ValueError, match=r"Kernel layers/0/mlp of shape \(64, 32\) holds 1 NaN/inf.*index \(5, 3\)"):
+      quantize(params, scheme=scheme, min_size=1)
+  q = quantize({"layers": {"0": {"mlp": {"kernel": jnp.asarray(kernel)}}}}, scheme=scheme, min_size=1)
+  assert np.isfinite(np.asarray(jax.tree_util.tree_leaves(dequantize(q))[0])).all()

@@ -128,3 +128,37 @@ def test_benchmark_quick_run_writes_json(tmp_path):
   assert memory["mos_pools_bytes"] * 2 == memory["lora_same_rank_bytes"]
   assert memory["mos_file_bytes"] < memory["lora_peft_file_bytes"]
   assert "speedup" in printed and "file (native MoS vs PEFT export)" in printed
+
+
+def test_invalid_ids_under_jit_never_serve_another_adapter(tiny_llama, adapters):
+  """Issue 13.1: traced ids 7, 3 and -5 used to be served by adapter 2 and the base model."""
+  stack = stack_adapters(adapters)
+  ids = np.array([7, 3, -5, 1, -1], np.int32)
+  input_ids = np.random.default_rng(1).integers(0, 64, size=(len(ids), 6)).astype(np.int32)
+  forward = forward_fn(tiny_llama)
+  out = np.asarray(forward(stack, jnp.asarray(ids), input_ids))
+  assert np.isnan(out[:3]).all()  # poisoned, not clipped onto adapter 2 / the base model
+  np.testing.assert_allclose(out[3:4], alone(tiny_llama, adapters[1], input_ids[3:4]), rtol=1e-5, atol=1e-5)
+  with hf_numerics():
+    np.testing.assert_allclose(out[4:], np.asarray(tiny_llama(input_ids[4:]).logits), rtol=1e-5, atol=1e-5)
+
+
+def test_serve_checks_ids_on_the_host_before_dispatch(tiny_llama, adapters):
+  from mos_jax.linen import serve
+  stack = stack_adapters(adapters)
+  calls = []
+
+  def forward(stack, ids, input_ids):
+    calls.append(ids)
+    return forward_fn(tiny_llama)(stack, ids, input_ids)
+
+  checked = serve(forward)
+  input_ids = np.zeros((3, 4), np.int32)
+  for bad in ([0, 3, 1], [-2, 0, 0], [0, 1, 7]):
+    with pytest.raises(ValueError, match=r"adapter_ids must lie in \[-1, 3\).*row"):
+      checked(stack, jnp.asarray(bad, jnp.int32), input_ids)
+  with pytest.raises(ValueError, match="1-D integer"):
+    checked(stack, np.zeros((3,), np.float32), input_ids)
+  assert not calls  # nothing was dispatched
+  out = checked(stack, np.array([2, -1, 0], np.int32), input_ids)
+  assert len(calls) == 1 and np.isfinite(np.asarray(out)).all()

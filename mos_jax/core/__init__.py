@@ -9,12 +9,12 @@ from mos_jax.core._assemble import (Factors, assemble, gather_factors, delta_wei
                                     merge, unmerge)
 from mos_jax.core._einsum import EinsumSpec
 from mos_jax.core._config import BERT_TARGETS, LLAMA_TARGETS, MoSConfig
-from mos_jax.core._files import atomic_dir, atomic_file, sha256_arrays
+from mos_jax.core._files import MANIFEST, atomic_dir, atomic_file, recover, sha256_arrays, verify_manifest, write_manifest
 from mos_jax.core._identity import (adapter_identity, as_json, differences,
                                     groups_from_identity, groups_identity, tree_layout)
 from mos_jax.core._memory import AdapterCost, MemoryEstimate, dtype_bits, estimate_memory
 from mos_jax.core._pools import Pools, check_pools, init_pools, pool_shapes
-from mos_jax.core._routing import ROUTING_VERSION, Routing, check_group, group_indices, make_routing
+from mos_jax.core._routing import ROUTING_VERSION, Routing, check_group, check_indices, group_indices, make_routing
 from mos_jax.core._stack import AdapterStack, check_ids, row_factors, stack_adapters
 from mos_jax.core._targets import (DENSE, KERNEL, CorruptError, Group, MismatchError, KernelLayout, check_params, find_groups, kernel_leaves, kernel_module,
                                    matched_kernels, matches, path_str)
@@ -23,12 +23,12 @@ __all__ = [
     "Adapter", "adapt", "count_params", "dry_run", "require_adapter", "summary", "trainable_count",
     "Factors", "assemble", "gather_factors", "delta_weight", "kernel_delta", "layer_factors", "low_rank_term", "merge", "unmerge",
     "BERT_TARGETS", "LLAMA_TARGETS", "MoSConfig", "EinsumSpec",
-    "atomic_dir", "atomic_file", "sha256_arrays",
+    "MANIFEST", "atomic_dir", "atomic_file", "recover", "sha256_arrays", "verify_manifest", "write_manifest",
     "CorruptError", "MismatchError", "adapter_identity", "as_json", "differences", "groups_from_identity",
     "groups_identity", "tree_layout",
     "AdapterCost", "MemoryEstimate", "dtype_bits", "estimate_memory",
     "Pools", "check_pools", "init_pools", "pool_shapes",
-    "ROUTING_VERSION", "Routing", "check_group", "group_indices", "make_routing",
+    "ROUTING_VERSION", "Routing", "check_group", "check_indices", "group_indices", "make_routing",
     "AdapterStack", "check_ids", "row_factors", "stack_adapters",
     "DENSE", "KERNEL", "Group", "KernelLayout", "check_params", "find_groups", "kernel_leaves", "kernel_module",
     "matched_kernels", "matches", "path_str",

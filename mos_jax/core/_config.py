@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import re
-from typing import Sequence
+from typing import Any, Sequence
+
+import numpy as np
 
 #: The seven projections of a LLaMA-family decoder block (the paper's setting).
 LLAMA_TARGETS: tuple[str, ...] = (
@@ -15,6 +19,47 @@ BERT_TARGETS: str = (
     r".*layer/\d+/(attention/self/(query|key|value)|attention/output/dense"
     r"|intermediate/dense|output/dense)"
 )
+
+
+#: Seeds feed ``jax.random.key``, which (without x64) keeps 32 bits: 2**32 would collide with 0.
+_MAX_SEED = 2**32
+_POOL_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _as_int(value: Any, field: str, low: int, high: int | None, kind: str) -> int:
+  """A Python or NumPy integer (never a bool, float or str) in ``[low, high)``, as ``int``."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
+      or not low <= int(value) < (high if high is not None else int(value) + 1):
+    raise ValueError(f"MoSConfig.{field} must be {kind}, got {value!r} ({type(value).__name__}).")
+  return int(value)
+
+
+def _as_float(value: Any, field: str) -> float:
+  """A finite real number (Python or NumPy; never a bool or str), as ``float``."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+    raise ValueError(f"MoSConfig.{field} must be a number, got {value!r} ({type(value).__name__}).")
+  value = float(value)
+  if not math.isfinite(value):
+    raise ValueError(f"MoSConfig.{field} must be finite, got {value}.")
+  return value
+
+
+def _as_bool(value: Any, field: str) -> bool:
+  # Strict: "no" or 0 would otherwise read as a switch left on (or off) by accident.
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"MoSConfig.{field} must be True or False, got {value!r} ({type(value).__name__}).")
+  return bool(value)
+
+
+def _as_dtype_name(value: Any) -> str:
+  try:
+    name = np.dtype(value).name  # "float32", np.float32, np.dtype, jnp.bfloat16 alike
+  except TypeError:
+    name = None
+  if name not in _POOL_DTYPES:
+    raise ValueError(f"MoSConfig.pool_dtype must be a float dtype ({', '.join(_POOL_DTYPES)}), "
+                     f"got {value!r}.")
+  return name
 
 
 def _as_patterns(value: str | Sequence[str] | None, field: str) -> str | tuple[str, ...] | None:
@@ -52,14 +97,21 @@ class MoSConfig:
       ``nn.scan``/``nnx.scan``), one layer per index of axis ``layer_axis``.
       Declared, never inferred from a kernel's rank.
     layer_axis: the layer axis of stacked kernels (0, or 1 as in MaxText).
-    seed: seeds both the routing draw and the pool initialisation.
+    seed: seeds both the routing draw and the pool initialisation; in
+      ``[0, 2**32)``.
     subset_selection: each layer draws its own public shards (else all layers
       take the first public ids, in order).
     pair_dissociation: ``A`` and ``B`` indices are drawn independently (else
       ``B`` reuses ``A``'s).
     vector_sharding: use ``shards_per_vector`` (else ``l = 1``).
     shard_privatization: use ``private_rank`` (else ``r_p = 0``).
-    pool_dtype: dtype of the trainable pools (float32 even with a bf16 base).
+    pool_dtype: dtype of the trainable pools (float32 even with a bf16 base);
+      a name, NumPy dtype or JAX dtype, stored as its name.
+
+  Every field is validated and normalised at construction: NumPy integers,
+  floats, booleans and dtypes become Python values (so the config is always
+  JSON-serialisable); switches must be real booleans; ``alpha`` must be finite
+  and positive. A bad value raises ``ValueError`` naming the field.
 
   Example:
     >>> cfg = MoSConfig(rank=8, equivalent_rank=1, private_rank=0, shards_per_vector=2)
@@ -85,21 +137,31 @@ class MoSConfig:
   pool_dtype: str = "float32"
 
   def __post_init__(self):
-    object.__setattr__(self, "target_modules", _as_patterns(self.target_modules, "target_modules"))
-    object.__setattr__(self, "exclude_modules", _as_patterns(self.exclude_modules, "exclude_modules"))
-    object.__setattr__(self, "stacked_modules", _as_patterns(self.stacked_modules, "stacked_modules"))
-    if self.layer_axis not in (0, 1):
-      raise ValueError(f"MoSConfig.layer_axis must be 0 or 1 (the layer axis of stacked kernels), "
-                       f"got {self.layer_axis!r}")
+    # Every field is checked and normalised here (NumPy scalars and dtypes become Python
+    # values), so a bad value fails at construction, not when the adapter is saved.
+    def put(name, value):
+      object.__setattr__(self, name, value)
+
+    for name in ("target_modules", "exclude_modules", "stacked_modules"):
+      put(name, _as_patterns(getattr(self, name), name))
     if self.target_modules is None or self.target_modules == ():
       raise ValueError("MoSConfig.target_modules is empty: name the modules to adapt, "
                        "e.g. target_modules=('q_proj', 'v_proj') or a regex.")
     for name in ("rank", "equivalent_rank", "shards_per_vector"):
-      v = getattr(self, name)
-      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"MoSConfig.{name} must be a positive integer, got {v!r}")
-    if not isinstance(self.private_rank, int) or isinstance(self.private_rank, bool) or self.private_rank < 0:
-      raise ValueError(f"MoSConfig.private_rank must be an integer >= 0, got {self.private_rank!r}")
+      put(name, _as_int(getattr(self, name), name, 1, None, "a positive integer"))
+    put("private_rank", _as_int(self.private_rank, "private_rank", 0, None, "an integer >= 0"))
+    put("layer_axis", _as_int(self.layer_axis, "layer_axis", 0, 2,
+                              "0 or 1 (the layer axis of stacked kernels)"))
+    put("seed", _as_int(self.seed, "seed", 0, _MAX_SEED, "an integer in [0, 2**32)"))
+    for name in ("subset_selection", "pair_dissociation", "vector_sharding", "shard_privatization"):
+      put(name, _as_bool(getattr(self, name), name))
+    put("alpha", _as_float(self.alpha, "alpha"))
+    if self.alpha <= 0:
+      raise ValueError(f"MoSConfig.alpha must be > 0 (the term is scaled by alpha / rank), got {self.alpha}.")
+    put("dropout", _as_float(self.dropout, "dropout"))
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"MoSConfig.dropout must be in [0, 1), got {self.dropout!r}")
+    put("pool_dtype", _as_dtype_name(self.pool_dtype))
     r, r_e, r_p = self.rank, self.equivalent_rank, self.effective_private_rank
     if r_p > r_e:
       raise ValueError(f"private_rank (r_p={r_p}) > equivalent_rank (r_e={r_e}): the private "
@@ -110,10 +172,6 @@ class MoSConfig:
     if r_p == r_e and r != r_e:
       raise ValueError(f"private_rank == equivalent_rank ({r_e}) leaves no public pool, so rank "
                        f"must equal {r_e} (plain LoRA), got rank={r}.")
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"MoSConfig.dropout must be in [0, 1), got {self.dropout!r}")
-    if self.pool_dtype not in ("float32", "bfloat16", "float16", "float64"):
-      raise ValueError(f"MoSConfig.pool_dtype must be a float dtype name, got {self.pool_dtype!r}")
 
   @property
   def effective_shards_per_vector(self) -> int:

@@ -80,6 +80,29 @@ def check_group(config: MoSConfig, group: Group) -> None:
         f"{r_p + (r_e - r_p) * n}, raise equivalent_rank, or lower private_rank.")
 
 
+def check_indices(routing: Routing) -> None:
+  """Raises ``ValueError`` unless every index array is ``(L, r·l)`` integers within its pool.
+
+  Drawn routings satisfy this by construction; routings read from files are
+  checked, so an edited file fails here and not as a clipped gather.
+  """
+  c = routing.config
+  r, l = c.rank, c.effective_shards_per_vector
+  for g in routing.groups:
+    shards = c.equivalent_rank * g.num_layers * l
+    for name, table in (("index_a", routing.index_a), ("index_b", routing.index_b)):
+      idx = table.get(g.name) if isinstance(table, Mapping) else None
+      if idx is None:
+        raise ValueError(f"Routing has no {name} for group {g.name!r}.")
+      idx = np.asarray(idx)
+      if idx.shape != (g.num_layers, r * l) or not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f"Routing {name}[{g.name!r}] is {idx.dtype}{idx.shape}, expected integers of shape "
+                         f"(L, r·l) = ({g.num_layers}, {r * l}).")
+      if idx.size and (idx.min() < 0 or idx.max() >= shards):
+        raise ValueError(f"Routing {name}[{g.name!r}] holds shard ids in [{idx.min()}, {idx.max()}], outside "
+                         f"the pool's [0, {shards}).")
+
+
 def _group_rng(seed: int, name: str) -> np.random.Generator:
   # Keyed by the type's name, so a group's routing does not change when other
   # modules are added to or removed from target_modules.

@@ -122,6 +122,8 @@ def check_ids(adapter_ids: jax.Array, num_adapters: int) -> None:
                      f"{adapter_ids.dtype}{tuple(adapter_ids.shape)}.")
   if not isinstance(adapter_ids, jax.core.Tracer):  # concrete ids can be checked; traced ones cannot
     ids = np.asarray(adapter_ids)
-    if ids.size and (ids.min() < -1 or ids.max() >= num_adapters):
-      raise ValueError(f"adapter_ids must lie in [-1, {num_adapters}) (-1: base model only), got "
-                       f"values in [{ids.min()}, {ids.max()}].")
+    bad = np.flatnonzero((ids < -1) | (ids >= num_adapters))
+    if bad.size:
+      shown = ", ".join(f"row {i}: {ids[i]}" for i in bad[:8]) + (" ..." if bad.size > 8 else "")
+      raise ValueError(f"adapter_ids must lie in [-1, {num_adapters}) (-1: base model only); "
+                       f"{bad.size} row(s) do not ({shown}).")

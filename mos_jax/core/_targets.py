@@ -17,16 +17,9 @@ import jax
 import numpy as np
 
 from mos_jax.core._config import MoSConfig
+from mos_jax.core._errors import CorruptError, MismatchError
 
 KERNEL = "kernel"
-
-
-class MismatchError(ValueError):
-  """A file, checkpoint or adapter was made for another model, adapter config, routing or state layout."""
-
-
-class CorruptError(RuntimeError):
-  """A file or checkpoint cannot be read back, or reads back different from what was saved."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,25 +14,41 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from mos_jax.core import (Adapter, CorruptError, MoSConfig, Routing, atomic_file, check_pools,
-                          check_params, count_params, groups_from_identity, groups_identity,
+from mos_jax.core import (Adapter, CorruptError, MoSConfig, Routing, as_json, atomic_file, check_indices,
+                          check_pools, check_params, count_params, groups_from_identity, groups_identity,
                           sha256_arrays)
 
-#: ``format`` entry of a native adapter file's metadata.
-NATIVE_FORMAT = "mos_jax.adapter/2"
+#: ``format`` entry of a native adapter file's header.
+NATIVE_FORMAT = "mos_jax.adapter/3"
+#: The one safetensors metadata key holding the header (JSON, sorted keys). One key, because
+#: safetensors writes its metadata map in a per-process random order: two keys would make
+#: identical adapters hash differently.
+HEADER_KEY = "mos_jax.adapter"
+#: Format 2 kept the header in several metadata keys, outside the checksum; still readable.
+_LEGACY_FORMAT = "mos_jax.adapter/2"
 
 
-def _digest(tensors: dict[str, np.ndarray]) -> str:
-  return sha256_arrays((key, tensors[key]) for key in sorted(tensors))
+def _canonical(value: Any) -> str:
+  return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _digest(header: dict[str, Any], tensors: dict[str, np.ndarray]) -> str:
+  """SHA-256 over the header (without its ``sha256`` entry) and every tensor's name, dtype, shape, bytes."""
+  h = hashlib.sha256(_canonical({k: v for k, v in header.items() if k != "sha256"}).encode())
+  h.update(sha256_arrays((key, tensors[key]) for key in sorted(tensors)).encode())
+  return h.hexdigest()
 
 
 def save_adapter(path: str | Path, adapter: Adapter) -> Path:
   """Writes the native MoS adapter: pools, routing arrays and config in one safetensors file.
 
   Keys are ``pools/<group>/A|B`` and ``routing/<group>/index_a|index_b``; the
-  metadata holds the config, routing version, groups (paths and layouts) and a
-  SHA-256 of the tensors. Pools keep their dtype, so loading resumes
-  bit-exactly. Written to a temp file and renamed: never a half file.
+  header (one metadata entry, JSON with sorted keys) holds the format, config,
+  routing version, groups (paths and layouts), the base model's size and a
+  SHA-256 over the header and the tensors, so one flipped bit anywhere is
+  reported as damage. Pools keep their dtype, so loading resumes bit-exactly;
+  identical adapters give byte-identical files. Written to a temp file and
+  renamed: never a half file.
 
   Args:
     path: the ``.safetensors`` file to write.
@@ -50,12 +68,45 @@ def save_adapter(path: str | Path, adapter: Adapter) -> Path:
       tensors[f"pools/{g.name}/{factor}"] = np.asarray(adapter.pools[g.name][factor])
     tensors[f"routing/{g.name}/index_a"] = np.asarray(routing.index_a[g.name])
     tensors[f"routing/{g.name}/index_b"] = np.asarray(routing.index_b[g.name])
-  meta = {"format": NATIVE_FORMAT, "mos_config": json.dumps(dataclasses.asdict(routing.config)),
-          "routing_version": routing.version, "groups": json.dumps(groups_identity(routing.groups)),
-          "base_params": str(adapter.base_params), "sha256": _digest(tensors)}
+  header = {"format": NATIVE_FORMAT, "mos_config": dataclasses.asdict(routing.config),
+            "routing_version": routing.version, "groups": groups_identity(routing.groups),
+            "base_params": int(adapter.base_params)}
+  header = as_json(header)  # tuples as lists, exactly as they read back
+  header["sha256"] = _digest(header, tensors)
   path = Path(path)
-  atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+  atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata={HEADER_KEY: _canonical(header)}))
   return path
+
+
+def _read_header(path: Any, meta: dict[str, str], tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+  """The verified header of a format-3 file (or a format-2 file's, converted); ``CorruptError`` if damaged."""
+  if HEADER_KEY in meta:
+    try:
+      header = json.loads(meta[HEADER_KEY])
+    except ValueError as e:
+      raise CorruptError(f"{path}: the adapter header is not valid JSON ({e}): the file is damaged.") from e
+    if not isinstance(header, dict) or header.get("format") != NATIVE_FORMAT:
+      found = header.get("format") if isinstance(header, dict) else type(header).__name__
+      raise CorruptError(f"{path} has format {found!r}, expected {NATIVE_FORMAT!r}: "
+                         "not a file written by this version's save_adapter, or damaged.")
+    if _digest(header, tensors) != header.get("sha256"):
+      raise CorruptError(f"{path}: header or tensors differ from those saved (checksum mismatch): "
+                         "the file was altered or damaged.")
+    return header
+  if meta.get("format") == _LEGACY_FORMAT:
+    # Format 2 checksummed the tensors only; its header is read as is, with a warning.
+    if sha256_arrays((key, tensors[key]) for key in sorted(tensors)) != meta.get("sha256"):
+      raise CorruptError(f"{path}: tensors differ from those saved (checksum mismatch).")
+    warnings.warn(f"{path} is a format-2 adapter file, whose header is not covered by its checksum; "
+                  "save it again to upgrade it to format 3.", stacklevel=3)
+    try:
+      return {"mos_config": json.loads(meta["mos_config"]), "groups": json.loads(meta["groups"]),
+              "routing_version": meta["routing_version"], "base_params": int(meta.get("base_params", 0))}
+    except (KeyError, ValueError) as e:
+      raise CorruptError(f"{path}: format-2 header is incomplete or undecodable ({e!r}).") from e
+  found = meta.get("format", meta.get(HEADER_KEY))
+  raise CorruptError(f"{path} has format {found!r}, expected {NATIVE_FORMAT!r}: "
+                     "not a file written by this version's save_adapter.")
 
 
 def load_adapter(path: str | Path, *, params: Any = None) -> Adapter:
@@ -70,7 +121,8 @@ def load_adapter(path: str | Path, *, params: Any = None) -> Adapter:
     The :class:`~mos_jax.Adapter` with the stored pools and routing.
 
   Raises:
-    CorruptError: the file is not a MoS adapter or its tensors were altered.
+    CorruptError: the file is not a MoS adapter, or its header or tensors were
+      altered (checksum), or its contents do not fit together.
     MismatchError: ``params`` is another model than the adapter's (the message lists the differences).
 
   Example:
@@ -82,25 +134,28 @@ def load_adapter(path: str | Path, *, params: Any = None) -> Adapter:
       tensors = {k: f.get_tensor(k) for k in f.keys()}
   except Exception as e:  # safetensors raises its own error types for truncated headers/data
     raise CorruptError(f"{path} is not a readable safetensors file: {e}") from e
-  if meta.get("format") != NATIVE_FORMAT:
-    raise CorruptError(f"{path} has format {meta.get('format')!r}, expected {NATIVE_FORMAT!r}: "
-                       "not a file written by this version's save_adapter.")
-  if _digest(tensors) != meta.get("sha256"):
-    raise CorruptError(f"{path}: tensors differ from those saved (checksum mismatch).")
-  config = MoSConfig(**json.loads(meta["mos_config"]))
-  stored = json.loads(meta["groups"])
-  groups = groups_from_identity(stored)
+  header = _read_header(path, meta, tensors)
+  try:
+    config = MoSConfig(**header["mos_config"])
+    groups = groups_from_identity(header["groups"])
+    expected = {f"{kind}/{g.name}/{leaf}" for g in groups
+                for kind, leaves in (("pools", ("A", "B")), ("routing", ("index_a", "index_b"))) for leaf in leaves}
+    if set(tensors) != expected:
+      raise ValueError(f"tensors {sorted(set(tensors) ^ expected)} are missing or unexpected")
+    index_a = {g.name: tensors[f"routing/{g.name}/index_a"] for g in groups}
+    index_b = {g.name: tensors[f"routing/{g.name}/index_b"] for g in groups}
+    for table in (index_a, index_b):
+      for index in table.values():
+        index.setflags(write=False)
+    routing = Routing(config=config, groups=groups, index_a=index_a, index_b=index_b,
+                      version=header["routing_version"])
+    check_indices(routing)
+    pools = {g.name: {f: jnp.asarray(tensors[f"pools/{g.name}/{f}"]) for f in ("A", "B")} for g in groups}
+    check_pools(pools, routing)
+  except (KeyError, TypeError, ValueError) as e:
+    # The checksum held, so the file was written like this: by another tool or edited by hand.
+    raise CorruptError(f"{path}: the adapter's contents do not fit together ({e}).") from e
   if params is not None:
     check_params(params, config, groups, what=f"Adapter {path}")
-  index_a, index_b = {}, {}
-  for g in groups:
-    index_a[g.name] = tensors[f"routing/{g.name}/index_a"]
-    index_b[g.name] = tensors[f"routing/{g.name}/index_b"]
-    index_a[g.name].setflags(write=False)
-    index_b[g.name].setflags(write=False)
-  routing = Routing(config=config, groups=groups, index_a=index_a, index_b=index_b,
-                    version=meta["routing_version"])
-  pools = {g.name: {f: jnp.asarray(tensors[f"pools/{g.name}/{f}"]) for f in ("A", "B")} for g in groups}
-  check_pools(pools, routing)
-  base = count_params(params) if params is not None else int(meta.get("base_params", 0))
+  base = count_params(params) if params is not None else int(header.get("base_params", 0))
   return Adapter(pools=pools, routing=routing, base_params=base)

@@ -12,7 +12,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from mos_jax.core import Adapter, atomic_dir, layer_factors
+from mos_jax.core import Adapter, CorruptError, atomic_dir, layer_factors, recover, verify_manifest, write_manifest
 
 #: PEFT's key prefix: ``PeftModel.base_model`` (a ``LoraModel``) wraps the model as ``.model``.
 PEFT_PREFIX = "base_model.model."
@@ -118,7 +118,40 @@ def export_peft(folder: str | Path, adapter: Adapter, *, names: Sequence[NameRul
   with atomic_dir(folder) as tmp:
     save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
     (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2))
+    write_manifest(tmp)  # PEFT ignores it; load_peft_factors and verify_export check it
   return folder
+
+
+def verify_export(folder: str | Path) -> bool:
+  """Checks a folder written by :func:`export_peft` or ``mos_jax.hf.export_merged``.
+
+  First repairs an interrupted replace (the previous export comes back, dead
+  writers' temp folders go), then checks every file against the folder's
+  manifest of sizes and SHA-256s.
+
+  Args:
+    folder: the export folder.
+
+  Returns:
+    ``True`` if every file matches; ``False`` if the folder has no manifest
+    (written by another tool or an older version).
+
+  Raises:
+    FileNotFoundError: no such folder (and nothing to restore).
+    CorruptError: a file is missing, extra, truncated or altered.
+
+  Example:
+    >>> verify_export("out/peft")  # doctest: +SKIP
+    True
+  """
+  folder = Path(folder)
+  try:
+    recover(folder)
+  except OSError:  # a read-only location: nothing to repair from here
+    pass
+  if not folder.is_dir():
+    raise FileNotFoundError(f"No export folder {folder}.")
+  return verify_manifest(folder)
 
 
 def load_peft_factors(folder: str | Path, *, prefix: str = PEFT_PREFIX,
@@ -132,18 +165,28 @@ def load_peft_factors(folder: str | Path, *, prefix: str = PEFT_PREFIX,
   Returns:
     ``({flax module path: (A (r, d_in), B (d_out, r))}, lora_alpha / r)``.
 
+  Raises:
+    CorruptError: the folder's files differ from its manifest, or cannot be read.
+
   Example:
     >>> factors, scale = load_peft_factors("out/peft")  # doctest: +SKIP
     >>> dw = mos_jax.core.delta_weight(*map(jnp.asarray, factors["model/layers/0/self_attn/q_proj"]), scale)  # doctest: +SKIP
   """
   folder = Path(folder)
-  peft_config = json.loads((folder / PEFT_CONFIG).read_text())
+  verify_export(folder)
+  try:
+    peft_config = json.loads((folder / PEFT_CONFIG).read_text())
+    scale = peft_config["lora_alpha"] / peft_config["r"]
+    with safe_open(str(folder / PEFT_WEIGHTS), framework="numpy") as f:
+      keys, tensors = list(f.keys()), {key: f.get_tensor(key) for key in f.keys()}
+  except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
+    raise CorruptError(f"{folder} is not a readable PEFT adapter folder: {e!r}") from e
+  except Exception as e:  # safetensors raises its own error types for truncated files
+    raise CorruptError(f"{folder / PEFT_WEIGHTS} is not a readable safetensors file: {e}") from e
   factors: dict[str, dict[str, np.ndarray]] = {}
-  with safe_open(str(folder / PEFT_WEIGHTS), framework="numpy") as f:
-    for key in f.keys():
-      if not key.startswith(prefix):
-        raise ValueError(f"{folder / PEFT_WEIGHTS}: key {key!r} lacks the prefix {prefix!r}; pass prefix=.")
-      module, factor, _ = key[len(prefix):].rsplit(".", 2)
-      factors.setdefault(module.replace(".", "/"), {})[factor] = f.get_tensor(key)
-  scale = peft_config["lora_alpha"] / peft_config["r"]
+  for key in keys:
+    if not key.startswith(prefix):
+      raise ValueError(f"{folder / PEFT_WEIGHTS}: key {key!r} lacks the prefix {prefix!r}; pass prefix=.")
+    module, factor, _ = key[len(prefix):].rsplit(".", 2)
+    factors.setdefault(module.replace(".", "/"), {})[factor] = tensors[key]
   return {path: (ab["lora_A"], ab["lora_B"]) for path, ab in factors.items()}, scale

@@ -10,11 +10,11 @@ from mos_jax.linen._intercept import intercept_kernel_calls, module_input
 from mos_jax.linen._quantize import (NF4_CODEBOOK, NF4Kernel, QuantizedBytes, QuantizedKernel, dense_on_quantized,
                                      dequantize, dequantized_dense, is_quantized, quantize, quantize_int8,
                                      quantize_nf4, quantized_bytes)
-from mos_jax.linen._serving import inject_multi
+from mos_jax.linen._serving import inject_multi, serve
 from mos_jax.linen._train import make_train_step
 
 __all__ = [
-    "MOS_A", "MOS_B", "MOS_LAYER", "adapted_loss", "attach", "inject", "scanned_layer", "kernel_layouts", "intercept_kernel_calls", "module_input", "inject_multi",
+    "MOS_A", "MOS_B", "MOS_LAYER", "adapted_loss", "attach", "inject", "scanned_layer", "kernel_layouts", "intercept_kernel_calls", "module_input", "inject_multi", "serve",
     "make_train_step",
     "NF4_CODEBOOK", "NF4Kernel", "QuantizedBytes", "QuantizedKernel", "dense_on_quantized", "dequantize",
     "dequantized_dense", "is_quantized", "quantize", "quantize_int8", "quantize_nf4", "quantized_bytes",

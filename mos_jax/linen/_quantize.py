@@ -124,6 +124,19 @@ def is_quantized(x: Any) -> bool:
   return isinstance(x, (QuantizedKernel, NF4Kernel))
 
 
+def _check_finite(kernel: Any, name: str) -> None:
+  """Raises ``ValueError`` for NaN/inf in a concrete kernel: one would turn its whole
+  int8 column or NF4 block (the shared absmax scale) into NaN, silently."""
+  if isinstance(kernel, jax.core.Tracer):
+    return  # traced (quantize under jit): the values are not known here
+  bad = ~np.isfinite(np.asarray(kernel, np.float32))
+  if bad.any():
+    where = tuple(int(i[0]) for i in np.nonzero(bad))
+    raise ValueError(f"{name} of shape {tuple(np.shape(kernel))} holds {int(bad.sum())} NaN/inf value(s) "
+                     f"(first at index {where}); quantizing it would make the whole column/block that shares "
+                     "its scale NaN. Fix the weights, or leave this kernel out (pattern/exclude).")
+
+
 def quantize_int8(kernel: jax.Array) -> QuantizedKernel:
   """Symmetric per-output-channel int8 quantization of one kernel.
 
@@ -133,11 +146,15 @@ def quantize_int8(kernel: jax.Array) -> QuantizedKernel:
   Returns:
     A :class:`QuantizedKernel`; ``|W - dequantize| <= scale / 2`` per column.
 
+  Raises:
+    ValueError: the kernel holds NaN or inf.
+
   Example:
     >>> q = quantize_int8(jnp.array([[1.0, -0.5], [-2.0, 0.25]]))
     >>> q.values.tolist(), q.scale.tolist()
     ([[64, -127], [-127, 64]], [0.015748031437397003, 0.003937007859349251])
   """
+  _check_finite(kernel, "Kernel")
   w = jnp.asarray(kernel).astype(jnp.float32)
   scale = jnp.max(jnp.abs(w), axis=-2) / _INT8_MAX
   # An all-zero column keeps scale 0 (exact); divide by 1 there to avoid NaN.
@@ -159,7 +176,8 @@ def quantize_nf4(kernel: jax.Array, block_size: int = 64) -> NF4Kernel:
     ``W / absmax`` of its block.
 
   Raises:
-    ValueError: ``d_in`` is odd or ``block_size`` is not positive.
+    ValueError: ``d_in`` is odd or ``block_size`` is not positive, or the
+      kernel holds NaN or inf.
 
   Example:
     >>> q = quantize_nf4(jnp.ones((96, 3)))
@@ -171,6 +189,7 @@ def quantize_nf4(kernel: jax.Array, block_size: int = 64) -> NF4Kernel:
     raise ValueError(f"NF4 packs two input rows per byte, so d_in must be even (and block_size >= 1); "
                      f"got a kernel of shape {tuple(kernel.shape)}, block_size={block_size}. Leave "
                      "this kernel out (pattern/exclude/min_size) or use scheme='int8'.")
+  _check_finite(kernel, "Kernel")
   w = jnp.asarray(kernel).astype(jnp.float32)
   blocks = -(-d_in // block_size)
   padded = jnp.pad(w, [(0, 0)] * len(lead) + [(0, blocks * block_size - d_in), (0, 0)])
@@ -224,7 +243,8 @@ def quantize(params: Any, *, scheme: Scheme = "int8", min_size: int = 4096,
     :class:`QuantizedKernel` (int8) or :class:`NF4Kernel` nodes.
 
   Raises:
-    ValueError: unknown ``scheme``, or an NF4-selected kernel with odd ``d_in``.
+    ValueError: unknown ``scheme``, an NF4-selected kernel with odd ``d_in``,
+      or a selected kernel holding NaN/inf (named in the message).
 
   Example:
     >>> qparams = quantize(model.params, exclude=("lm_head",))  # doctest: +SKIP
@@ -245,6 +265,7 @@ def quantize(params: Any, *, scheme: Scheme = "int8", min_size: int = 4096,
       return leaf
     if not _selected(module_path, leaf, min_size, pattern, exclude):
       return leaf
+    _check_finite(leaf, f"Kernel {module_path}")
     return quantize_int8(leaf) if scheme == "int8" else quantize_nf4(leaf, block_size)
 
   return jax.tree_util.tree_map_with_path(one, params)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import functools
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mos_jax.core import AdapterStack, check_ids, row_factors
 from mos_jax.linen._inject import scanned_layer
@@ -26,6 +28,13 @@ def inject_multi(stack: AdapterStack, adapter_ids: jax.Array) -> Iterator[None]:
   every adapted layer's input must be the batch. A model that scans its layers with ``nn.scan``
   is called with :func:`attach` ``(params, stack)``.
 
+  Invalid ids never get another adapter's output. Concrete ids outside
+  ``[-1, K)`` raise ``ValueError`` here; under ``jax.jit`` the ids are traced
+  and cannot be checked while tracing, so such a row's output is NaN (its term
+  is scaled by NaN, not clipped onto a neighbouring adapter). To get an error
+  instead, call the jitted forward through :func:`serve`, which checks the ids
+  on the host before dispatching.
+
   Args:
     stack: output of :func:`mos_jax.core.stack_adapters`.
     adapter_ids: ``(batch,)`` int adapter id per row, in ``[-1, K)``.
@@ -43,9 +52,12 @@ def inject_multi(stack: AdapterStack, adapter_ids: jax.Array) -> Iterator[None]:
   check_ids(adapter_ids, stack.num_adapters)
   # Only the groups are needed to resolve layers: any target pattern matches no extra module.
   calls = AdaptedCalls(None, stack.groups)
-  # Rows with id -1 gather adapter 0's shards (clipped) and are zeroed by their scale.
-  ids = jnp.maximum(adapter_ids, 0)
-  row_scale = jnp.where(adapter_ids >= 0, stack.scale[ids], 0.0)
+  # Rows with id -1 gather adapter 0's shards (clipped) and are zeroed by their scale; rows with
+  # an id outside [-1, K) (possible only when traced) are poisoned with NaN: a clipped id would
+  # silently serve the last adapter, a negative one the base model.
+  ids = jnp.clip(adapter_ids, 0, stack.num_adapters - 1)
+  valid = (adapter_ids >= -1) & (adapter_ids < stack.num_adapters)
+  row_scale = jnp.where(valid, jnp.where(adapter_ids >= 0, stack.scale[ids], 0.0), jnp.nan)
 
   def handle(module, next_fun, args, kwargs):
     found = calls.resolve(module, args, kwargs)
@@ -68,3 +80,36 @@ def inject_multi(stack: AdapterStack, adapter_ids: jax.Array) -> Iterator[None]:
   with intercept_kernel_calls(handle):
     yield
   calls.check_all_hit()
+
+
+def serve(forward: Callable[..., Any]) -> Callable[..., Any]:
+  """Wraps a (jitted) multi-adapter forward so that bad adapter ids raise before it runs.
+
+  ``forward(stack, adapter_ids, *args, **kwargs)`` is called only after the ids
+  are checked on the host (a 1-D integer array with values in ``[-1, K)``);
+  inside ``jit``, :func:`inject_multi` can only turn a bad id into NaN outputs.
+  The check costs one device-to-host copy of the ids (they usually come from
+  the host anyway).
+
+  Args:
+    forward: a function whose first two arguments are the
+      :class:`~mos_jax.core.AdapterStack` and the ``(batch,)`` adapter ids.
+
+  Returns:
+    The same function, checking the ids first.
+
+  Raises:
+    ValueError: (from the wrapped function) an id outside ``[-1, K)``, or ids
+      that are not a 1-D integer array.
+
+  Example:
+    >>> forward = serve(jax.jit(forward))  # doctest: +SKIP
+    >>> logits = forward(stack, np.array([0, 2, -1]), input_ids)  # doctest: +SKIP
+  """
+
+  @functools.wraps(forward)
+  def checked(stack: AdapterStack, adapter_ids: Any, *args: Any, **kwargs: Any) -> Any:
+    check_ids(np.asarray(adapter_ids), stack.num_adapters)
+    return forward(stack, adapter_ids, *args, **kwargs)
+
+  return checked

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import datetime
+import fcntl
+import hashlib
+import json
 import logging
+import os
+import socket
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
@@ -14,11 +21,16 @@ from etils import epath
 
 from mos_jax.core import CorruptError, MismatchError, as_json, differences, path_str, sha256_arrays, tree_layout
 
-#: Written into every checkpoint; bumped when the layout below changes.
-FORMAT = "mos_jax.train_checkpoint/1"
+#: Written into every checkpoint; bumped when the layout below changes. Format 2 adds
+#: ``meta_sha256``, a checksum of the metadata itself.
+FORMAT = "mos_jax.train_checkpoint/2"
+_LEGACY_FORMAT = "mos_jax.train_checkpoint/1"
 #: Subfolder of the checkpoint directory that unreadable steps are moved into.
 QUARANTINE = "corrupt"
+#: The writer's lock file in the checkpoint directory (local folders).
+LOCK = ".writer.lock"
 _STATE, _META = "state", "meta"
+_META_KEYS = ("format", "step", "identity", "layout", "key_impls", "sha256", "data_state", "meta_sha256")
 _MAX_REPORTED = 20
 
 log = logging.getLogger(__name__)
@@ -28,6 +40,73 @@ log = logging.getLogger(__name__)
 CheckpointMismatchError = MismatchError
 #: A checkpoint's files cannot be read back, or read back different from what was saved.
 CheckpointCorruptError = CorruptError
+
+
+class CheckpointLockedError(RuntimeError):
+  """Another :class:`TrainCheckpointer` is writing to the same checkpoint directory."""
+
+
+def _meta_digest(meta: Mapping[str, Any]) -> str:
+  """SHA-256 of the metadata (all but its own ``meta_sha256``) as canonical JSON."""
+  body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+  return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _checked_meta(step: int, meta: Any) -> dict[str, Any]:
+  """The step's metadata if intact; ``CheckpointCorruptError`` for any damage.
+
+  Damage (a flipped bit, a renamed key, an edited ``data_state``) must lead to
+  the previous step, not to "another run" or a silently different value.
+  """
+  if not isinstance(meta, dict):
+    raise CheckpointCorruptError(f"Step {step}: metadata is {type(meta).__name__}, not a JSON object.")
+  if meta.get("format") == _LEGACY_FORMAT:
+    warnings.warn(f"Checkpoint step {step} is format 1, whose metadata has no checksum; it is read as is.",
+                  stacklevel=4)
+    expected = set(_META_KEYS) - {"meta_sha256"}
+  elif meta.get("format") == FORMAT:
+    expected = set(_META_KEYS)
+  else:
+    raise CheckpointCorruptError(f"Step {step}: metadata format is {meta.get('format')!r}, expected {FORMAT!r}.")
+  if set(meta) != expected:
+    raise CheckpointCorruptError(f"Step {step}: metadata keys {sorted(set(meta) ^ expected)} are missing or "
+                                 "unexpected: the metadata file is damaged.")
+  if "meta_sha256" in meta and _meta_digest(meta) != meta["meta_sha256"]:
+    raise CheckpointCorruptError(f"Step {step}: the metadata differs from what was saved (checksum "
+                                 "mismatch): the file was altered or damaged.")
+  if meta["step"] != step:
+    raise CheckpointCorruptError(f"Step {step}: its metadata says step {meta['step']!r}.")
+  return meta
+
+
+class _WriterLock:
+  """An exclusive ``flock`` on ``<directory>/.writer.lock``, released on close or process death.
+
+  The file records the holder (host, pid, start time) for the error message; the
+  lock itself is the kernel's, so a crashed writer never leaves a stale lock.
+  """
+
+  def __init__(self, directory: Path):
+    directory.mkdir(parents=True, exist_ok=True)
+    self.path = directory / LOCK
+    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      holder = os.pread(self._fd, 4096, 0).decode(errors="replace").strip() or "unknown holder"
+      os.close(self._fd)
+      raise CheckpointLockedError(
+          f"Checkpoint directory {directory} is already being written by another TrainCheckpointer "
+          f"({holder}). Two writers would delete each other's steps. Stop that process (or close() it), "
+          "use another directory, or pass read_only=True to only restore.") from None
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    os.ftruncate(self._fd, 0)
+    os.pwrite(self._fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {stamp}".encode(), 0)
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # closing drops the flock
+      self._fd = None
 
 
 class Restored(NamedTuple):
@@ -108,6 +187,14 @@ class TrainCheckpointer:
     keep: how many most recent steps to keep; ``None`` keeps all.
     async_save: write in a background thread; :meth:`save` returns once the
       arrays are copied off the device.
+    read_only: only restore: takes no lock, never saves, deletes nothing (for
+      evaluating a run's checkpoints while it trains).
+
+  One writer per directory: a writer takes an exclusive lock on
+  ``<directory>/.writer.lock`` (local folders; on multi-host runs the primary
+  process takes it) and a second writer gets a :class:`CheckpointLockedError`
+  naming the holder. The kernel drops the lock when the holder exits or crashes.
+  Object stores (``gs://``) have no such lock: there, run one job per directory.
 
   Example:
     >>> ckpt = TrainCheckpointer("run/ckpt", identity={"adapter": adapter_identity(adapter)},
@@ -117,21 +204,37 @@ class TrainCheckpointer:
   """
 
   def __init__(self, directory: str | Path, *, identity: Mapping[str, Any], save_every: int = 1,
-               keep: int | None = 3, async_save: bool = True):
+               keep: int | None = 3, async_save: bool = True, read_only: bool = False):
     if save_every < 1 or (keep is not None and keep < 1):
       raise ValueError(f"save_every ({save_every}) and keep ({keep}) must be >= 1 (keep may be None).")
     # epath: local folders and gs:// buckets (pods checkpoint to shared storage) alike.
     self.directory = epath.Path(directory).absolute()
     self._identity = as_json(dict(identity))
+    self.read_only = read_only
+    self._lock = None
+    # Taken before Orbax looks at the folder: its start-up cleanup of unfinished saves would
+    # delete a running writer's in-progress step.
+    if not read_only and jax.process_index() == 0 and str(self.directory).startswith("/"):
+      self._lock = _WriterLock(Path(str(self.directory)))
     policies = ocp.checkpoint_managers
-    self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-        # Multiples of save_every, plus JAX's multi-host preemption notice; unlike Orbax's
-        # default, no extra save of whatever step comes first.
-        save_decision_policy=policies.AnySavePolicy([policies.FixedIntervalPolicy(save_every),
-                                                     policies.PreemptionCheckpointingPolicy()]),
-        max_to_keep=keep, enable_async_checkpointing=async_save,
-        # Folders of saves that crashed before their commit rename are never steps; drop them.
-        cleanup_tmp_directories=True))
+    try:
+      self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+          # Multiples of save_every, plus JAX's multi-host preemption notice; unlike Orbax's
+          # default, no extra save of whatever step comes first.
+          save_decision_policy=policies.AnySavePolicy([policies.FixedIntervalPolicy(save_every),
+                                                       policies.PreemptionCheckpointingPolicy()]),
+          max_to_keep=None if read_only else keep, enable_async_checkpointing=async_save,
+          read_only=read_only,
+          # Folders of saves that crashed before their commit rename are never steps; drop them.
+          cleanup_tmp_directories=not read_only))
+    except BaseException:
+      self._release()
+      raise
+
+  def _release(self) -> None:
+    if self._lock is not None:
+      self._lock.release()
+      self._lock = None
 
   def all_steps(self) -> list[int]:
     """Complete (committed) steps, oldest first."""
@@ -157,6 +260,8 @@ class TrainCheckpointer:
     Returns:
       Whether a save was started; call :meth:`wait` to block until it is committed.
     """
+    if self.read_only:
+      raise RuntimeError(f"TrainCheckpointer({self.directory}) is read_only: it cannot save.")
     if not force and not self._manager.should_save(step):
       return False
     try:
@@ -166,6 +271,8 @@ class TrainCheckpointer:
     plain = _unwrap_keys(state)
     meta = {"format": FORMAT, "step": step, "identity": self._identity, "layout": tree_layout(state),
             "key_impls": _key_impls(state), "sha256": _digest(plain), "data_state": data_state}
+    # The metadata is checksummed too: damage to it must read as damage, not as another run.
+    meta["meta_sha256"] = _meta_digest(meta)
     return self._manager.save(step, args=ocp.args.Composite(
         **{_STATE: ocp.args.StandardSave(plain), _META: ocp.args.JsonSave(meta)}), force=force)
 
@@ -222,9 +329,7 @@ class TrainCheckpointer:
       meta = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
     except Exception as e:  # Orbax and TensorStore raise assorted types for unreadable files.
       raise CheckpointCorruptError(f"Step {step}: its metadata cannot be read ({_short(e)}).") from e
-    found = meta.get("format") if isinstance(meta, dict) else meta
-    if found != FORMAT:
-      raise CheckpointCorruptError(f"Step {step}: metadata format is {found!r}, expected {FORMAT!r}.")
+    meta = _checked_meta(step, meta)
     diffs = differences(meta["identity"], self._identity) + \
         differences({"state": meta["layout"]}, {"state": tree_layout(like)})
     if diffs:
@@ -253,9 +358,12 @@ class TrainCheckpointer:
     self._manager.reload()
 
   def close(self) -> None:
-    """Waits for pending saves and releases Orbax's threads."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for pending saves, releases Orbax's threads and the directory's writer lock."""
+    try:
+      self._manager.wait_until_finished()
+      self._manager.close()
+    finally:
+      self._release()
 
   def __enter__(self) -> "TrainCheckpointer":
     return self

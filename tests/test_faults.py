@@ -368,3 +368,11 @@ def test_temp_files_of_dead_writers_are_removed_and_live_ones_kept(adapter, tmp_
     p.write_bytes(b"partial")
   mos_jax.save_adapter(tmp_path / "a.safetensors", adapter)
   assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.safetensors", live.name, other_host.name])
+
+
+def test_a_reader_falls_back_without_moving_anything(pristine, tmp_path):
+  path = copy_of(pristine, tmp_path)
+  edit_meta(path, 2, lambda b: b.replace(b'"run": 1', b'"run": 3'))
+  with TrainCheckpointer(path, identity=IDENTITY, read_only=True) as reader:
+    assert_state(reader.restore(LIKE), 1)
+  assert not (path / QUARANTINE).exists() and (path / "2").exists()

@@ -17,6 +17,7 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from etils import epath
 
 from mos_jax.core import CorruptError, MismatchError, as_json, differences, path_str, sha256_arrays, tree_layout
@@ -350,11 +351,19 @@ class TrainCheckpointer:
     return Restored(step, _rewrap_keys(plain, meta["key_impls"]), meta["data_state"])
 
   def _quarantine(self, step: int) -> None:
-    src = self.directory / str(step)
-    dst = self.directory / QUARANTINE / f"{step}-{time.time_ns()}"
-    dst.parent.mkdir(exist_ok=True)
-    src.rename(dst)
-    log.warning("Moved unreadable checkpoint step %d to %s.", step, dst)
+    if self.read_only:  # a reader changes nothing; the writer sets the step aside when it restores
+      log.warning("Checkpoint step %d in %s is unreadable; left in place (read_only).", step, self.directory)
+      return
+    # Every process found the same damage; only the primary one moves the folder (a second
+    # rename of the same folder would fail), and all wait for it before re-listing the steps.
+    if jax.process_index() == 0:
+      src = self.directory / str(step)
+      dst = self.directory / QUARANTINE / f"{step}-{time.time_ns()}"
+      dst.parent.mkdir(exist_ok=True)
+      src.rename(dst)
+      log.warning("Moved unreadable checkpoint step %d to %s.", step, dst)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"mos_jax_quarantine_{step}")
     self._manager.reload()
 
   def close(self) -> None:

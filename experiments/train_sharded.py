@@ -4,10 +4,15 @@ A config file (big_vision style: a Python file defining ``CONFIG = RunConfig(...
 model, the MoS adapter, the (data, fsdp, tensor) mesh and the run. The frozen base is
 FSDP/tensor-sharded by rule, pools replicated, batches split over data x fsdp, and the step
 (`mos_jax.make_train_step` with the four shardings) is jitted with explicit in/out shardings
-and donated adapter/optimizer state. Each process builds only its own rows of the global batch.
-Checkpoints (Orbax) every `checkpoint_every` steps and on SIGTERM (preemption), and resume from
-the latest one. At the end, process 0 writes the native adapter file `workdir/adapter.safetensors`
-(`mos_jax.load_adapter` reads it).
+and donated adapter/optimizer state. Each process builds only the rows of the global batch its
+devices hold. On a Cloud TPU VM, `jax.distributed` starts from the slice's metadata.
+
+Checkpoints (Orbax) every `checkpoint_every` steps and at the end; resumes from the latest one.
+A preemption notice (SIGTERM to any process) stops every process after the same step, which is
+checkpointed, and the run exits with status 143 (`PREEMPTED_EXIT`); a finished run exits 0 and
+process 0 writes the native adapter file `workdir/adapter.safetensors` (`mos_jax.load_adapter`
+reads it). `workdir` may be a bucket (`gs://...`, needs the `[gcs]` extra); `metrics.jsonl` is
+then written locally and uploaded whole at each checkpoint and at exit.
 
     .venv/bin/python -m experiments.train_sharded --config experiments/configs/tiny_sharded.py --workdir runs/sharded
     # several processes (one per host): add --coordinator HOST:PORT --num-processes N --process-id I
@@ -18,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import sys
 import tempfile
 import time
@@ -26,6 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from experiments.lib.workdir import JsonlLog, is_remote, require_filesystem
 
 if TYPE_CHECKING:  # imported at run time only after jax is configured (device count)
   from mos_jax import MoSConfig
@@ -63,6 +69,11 @@ class RunConfig:
   keep_checkpoints: int = 2
   fsdp_min_size: int = 0
   seed: int = 0
+
+
+#: Exit status after a preemption checkpoint, as for a process ended by SIGTERM (128 + 15): the
+#: tpu/ scripts relaunch on it, and read 0 as "training finished".
+PREEMPTED_EXIT = 143
 
 
 def load_config(path: str) -> RunConfig:
@@ -110,7 +121,7 @@ def save_final_adapter(workdir: Any, adapter: Any) -> None:
   import mos_jax
 
   target = workdir / "adapter.safetensors"
-  if "://" not in str(workdir):
+  if not is_remote(workdir):
     mos_jax.save_adapter(Path(str(target)), adapter)
     return
   with tempfile.TemporaryDirectory() as tmp:
@@ -118,16 +129,36 @@ def save_final_adapter(workdir: Any, adapter: Any) -> None:
     target.write_bytes(local.read_bytes())
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True)
-  parser.add_argument("--workdir", required=True, help="checkpoints and metrics (shared storage on pods)")
+  parser.add_argument("--workdir", required=True, help="checkpoints and metrics (a gs:// bucket on pods)")
   parser.add_argument("--steps", type=int, default=None, help="override CONFIG.steps")
+  parser.add_argument("--checkpoint-every", type=int, default=None, help="override CONFIG.checkpoint_every")
+  parser.add_argument("--hf-model", default=None, help="override CONFIG.hf_model (the weights' folder)")
   parser.add_argument("--coordinator", default=None)
   parser.add_argument("--num-processes", type=int, default=None)
   parser.add_argument("--process-id", type=int, default=None)
   parser.add_argument("--cpu-devices", type=int, default=None, help="CPU devices per process (tests)")
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+  """``CONFIG`` of ``--config`` with the command line's overrides."""
+  cfg = load_config(args.config)
+  overrides = {"steps": args.steps, "checkpoint_every": args.checkpoint_every, "hf_model": args.hf_model}
+  return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+#: RunConfig fields a resumed run may change: run length, checkpoint cadence and where the weights
+#: are read from (a folder's path differs between machines; the adapter identity pins the base).
+RESUMABLE = ("mos", "mesh", "steps", "checkpoint_every", "keep_checkpoints", "hf_model")
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Trains; returns 0 when done, ``PREEMPTED_EXIT`` after a preemption checkpoint."""
+  args = parse_args(argv)
+  require_filesystem(args.workdir)  # before minutes of model loading, not at the first save
 
   import jax
   if args.cpu_devices:
@@ -138,18 +169,16 @@ def main(argv: list[str] | None = None) -> int:
 
   import jax.numpy as jnp
   import optax
+  from etils import epath  # local paths and gs:// buckets alike (pods share a bucket)
   from jax.experimental import multihost_utils
 
-  from experiments.lib.loop import sigterm_flag
   from experiments.lib.optim import make_optimizer
 
-  cfg = load_config(args.config)
-  if args.steps is not None:
-    cfg = dataclasses.replace(cfg, steps=args.steps)
+  cfg = run_config(args)
   main_process = parallel.is_main_process()
-  from etils import epath  # local paths and gs:// buckets alike (pods share a bucket)
   workdir = epath.Path(args.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  if not is_remote(workdir):  # a bucket has no folders to make
+    workdir.mkdir(parents=True, exist_ok=True)
   model = build_model(cfg)
   mesh = parallel.make_mesh(cfg.mesh)
   params_sharding = parallel.base_shardings(model.params, mesh, fsdp_min_size=cfg.fsdp_min_size)
@@ -172,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
   checkpoints = mos_jax.TrainCheckpointer(
       workdir / "checkpoints", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
       identity={"adapter": mos_jax.core.adapter_identity(adapter),
-                "run": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("mos", "mesh", "steps", "checkpoint_every", "keep_checkpoints")}})
+                "run": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE}})
   start = 0
   if checkpoints.latest_step() is not None:
     # Restores onto the live shardings, whatever mesh wrote the checkpoint.
@@ -182,10 +211,13 @@ def main(argv: list[str] | None = None) -> int:
       print(f"resumed from step {start}", flush=True)
 
   dropout_key = jax.random.key(cfg.seed + 1)
-  metrics = (workdir / "metrics.jsonl").open("a") if main_process else None
-  step = last_saved = start
-  with sigterm_flag() as stop:  # a preemption notice: finish the step, checkpoint, exit
-    while step < cfg.steps and not stop.is_set():
+  metrics = JsonlLog(workdir / "metrics.jsonl", keep_until=start) if main_process else None
+  step = start
+  # A preemption notice (SIGTERM to any process) stops every process after the same step, which is
+  # checkpointed; see mos_jax.parallel.preemption_notice.
+  with parallel.preemption_notice() as reached:
+    preempted = reached(step)  # every process reports its first step before the first notice can land
+    while step < cfg.steps and not preempted:
       batch = parallel.global_batch(
           batch_sharding, (cfg.global_batch, cfg.seq_len),
           lambda a, b, s=step: token_rows(cfg.seed, s, a, b, cfg.seq_len, model.config.vocab_size))
@@ -194,22 +226,25 @@ def main(argv: list[str] | None = None) -> int:
       loss = float(loss)
       step += 1
       if main_process:
-        metrics.write(json.dumps({"step": step, "loss": loss, "seconds": time.perf_counter() - t0}) + "\n")
-        metrics.flush()
+        metrics.write({"step": step, "loss": loss, "seconds": time.perf_counter() - t0})
         print(f"step {step} loss {loss:.6f}", flush=True)
-      if checkpoints.save(step, {"adapter": adapter, "opt_state": opt_state}, force=step == cfg.steps):
-        last_saved = step
-    if stop.is_set() and last_saved != step:
-      # SIGTERM may land after this step's save decision: save it now, before exiting.
-      checkpoints.save(step, {"adapter": adapter, "opt_state": opt_state}, force=True)
-    checkpoints.wait()
-    if metrics:
-      metrics.close()
-    if stop.is_set() and main_process:
-      print(f"SIGTERM: saved step {step}, exiting for a later resume", flush=True)
-    gathered = multihost_utils.process_allgather(adapter, tiled=True)  # every process takes part
-    if main_process:
-      save_final_adapter(workdir, gathered)
+      preempted = reached(step)
+      saved = checkpoints.save(step, {"adapter": adapter, "opt_state": opt_state},
+                               force=preempted or step == cfg.steps)
+      if saved and metrics:
+        metrics.sync()  # the metrics of every checkpointed step survive a lost VM
+  checkpoints.wait()
+  if metrics:
+    metrics.close()
+  if preempted:
+    print(f"process {jax.process_index()}: preempted, saved step {step}; exiting for a later resume", flush=True)
+    checkpoints.close()
+    return PREEMPTED_EXIT
+  gathered = multihost_utils.process_allgather(adapter, tiled=True)  # every process takes part
+  if main_process:
+    save_final_adapter(workdir, gathered)
+    print(f"training finished at step {step}", flush=True)
+  checkpoints.close()
   return 0
 
 

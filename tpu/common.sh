@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
 # Shared settings and helpers for the tpu/ scripts. Override any variable in the environment.
-# DRY_RUN=1 (or --dry-run on any script) prints each command instead of running it.
+# DRY_RUN=1 (or --dry-run on any script) prints each gcloud command instead of running it.
 
-: "${TPU_NAME:=mos-jax}"
-: "${ZONE:=us-central2-b}"                     # v4; for v5e use e.g. us-west4-a
-: "${ACCELERATOR_TYPE:=v4-8}"                  # v4-8 (4 chips, 1 host) or v5litepod-16 (16 chips, 4 hosts)
+: "${TPU_NAME:=mos-jax}"                       # the TPU VM / slice (the node id)
+: "${ZONE:=us-central2-b}"                     # v4: us-central2-b; v5e: e.g. us-west4-a
+: "${ACCELERATOR_TYPE:=v4-8}"                  # v4-8 (1 host), v4-32 or v5litepod-16 (16 chips on 4 hosts)
 : "${RUNTIME_VERSION:=tpu-ubuntu2204-base}"    # v5e: v2-alpha-tpuv5-lite
+: "${SPOT:=1}"                                 # Spot capacity (preemptible, much cheaper); 0 = on demand
+: "${QUEUED:=1}"                               # create through a queued resource (Google's advice for Spot)
+: "${QR_NAME:=$TPU_NAME}"                      # the queued resource's id
 : "${PROJECT:=$(gcloud config get-value project 2>/dev/null || true)}"
-: "${REPO_DIR:=mos_jax}"                       # checkout folder on every worker
-: "${CONFIG:=experiments/configs/llama2_7b_v4.py}"
+: "${REPO_DIR:=mos_jax}"                       # checkout folder in each worker's home
+: "${CONFIG:=experiments/configs/llama2_7b.py}"
 : "${WORKDIR:=gs://my-bucket/mos_jax/run1}"    # shared by all workers: checkpoints + metrics
+: "${TRAIN_ARGS:=}"                            # more train_sharded flags, e.g. "--steps 2000"
+: "${MODEL_SRC:=}"                             # weights to copy to every worker: gs://... or hf://ORG/NAME
+: "${MODEL_DIR:=models/${MODEL_SRC##*/}}"      # where they go, relative to each worker's home
+: "${HF_TOKEN_FILE:=$HOME/.cache/huggingface/token}"  # for hf:// weights (`hf auth login` writes it)
 : "${JAX_TPU_SPEC:=jax[tpu]==0.10.2}"
-: "${SPOT:=1}"                                 # spot/preemptible capacity; resume.sh restarts it
+: "${CHECK_SSH_AGENT:=1}"
 DRY_RUN="${DRY_RUN:-0}"
 
 for arg in "$@"; do
@@ -36,8 +43,49 @@ run() {
   fi
 }
 
-# Runs a shell snippet on every worker of the slice.
-on_all_workers() {
-  run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --project="$PROJECT" --worker=all \
-    --command="$1"
+# Quotes one word for the remote shell.
+q() {
+  printf '%q' "$1"
 }
+
+# The worker-side helper (tpu/worker.sh in the copied checkout), as a remote command prefix.
+worker_sh() {
+  printf 'bash ~/%s/tpu/worker.sh' "$(q "$REPO_DIR")"
+}
+
+# Runs a shell snippet over ssh on worker $1 (a number, or "all": every worker at once).
+on_workers() {
+  run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --project="$PROJECT" --worker="$1" \
+    --command="$2"
+}
+
+# `--worker=all` opens one ssh connection per worker at once: gcloud needs the key in ssh-agent.
+require_ssh_agent() {
+  if [[ "$DRY_RUN" == "1" || "$CHECK_SSH_AGENT" != "1" ]]; then return 0; fi
+  if ! ssh-add -l >/dev/null 2>&1; then
+    echo "ssh-agent has no key: run 'eval \"\$(ssh-agent -s)\"; ssh-add ~/.ssh/google_compute_engine'" \
+      "(gcloud creates that key at the first 'gcloud compute tpus tpu-vm ssh')." >&2
+    exit 2
+  fi
+}
+
+# Prints the value of FIELD of a TPU resource (tpu-vm or queued-resources), NOT_FOUND when it does
+# not exist, or ERROR when gcloud failed otherwise (network, auth, API): callers must not treat a
+# transient ERROR as a missing slice.
+describe_field() {
+  local kind=$1 name=$2 field=$3 err out
+  err="$(mktemp)"
+  if out="$(gcloud compute tpus "$kind" describe "$name" --zone="$ZONE" --project="$PROJECT" \
+              --format="value($field)" 2>"$err")"; then
+    echo "${out:-UNKNOWN}"
+  elif grep -q "NOT_FOUND" "$err"; then
+    echo "NOT_FOUND"
+  else
+    echo "gcloud describe failed: $(tr '\n' ' ' <"$err" | cut -c1-300)" >&2
+    echo "ERROR"
+  fi
+  rm -f "$err"
+}
+
+node_state() { describe_field tpu-vm "$TPU_NAME" state; }
+qr_state() { describe_field queued-resources "$QR_NAME" state.state; }

@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
-# Starts training on every worker; JAX finds its peers from the TPU metadata. Resumes from the
-# latest checkpoint in $WORKDIR if there is one. Logs go to ~/train.log on each worker.
+# Starts training on every worker and returns at once (tpu/worker.sh launch: ends stale processes
+# holding the TPU, then runs experiments/train_sharded.py detached, logging to ~/mos_run/train.log).
+# JAX finds its peers from the TPU metadata; training resumes from $WORKDIR's latest checkpoint.
 set -euo pipefail
 # shellcheck source=tpu/common.sh
 source "$(dirname "$0")/common.sh" "$@"
+require_ssh_agent
 
-on_all_workers "cd ~/$REPO_DIR && nohup .venv/bin/python -m experiments.train_sharded \
-  --config $CONFIG --workdir $WORKDIR > ~/train.log 2>&1 &"
+command="$(worker_sh) launch $(q "$CONFIG") $(q "$WORKDIR")"
+if [[ -n "$MODEL_SRC" ]]; then
+  command+=" --hf-model ~/$(q "$MODEL_DIR")"  # where setup.sh put the weights
+fi
+read -ra extra <<<"$TRAIN_ARGS"
+for arg in "${extra[@]}"; do
+  command+=" $(q "$arg")"
+done
+on_workers all "$command"

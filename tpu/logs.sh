@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# Streams the training log of worker 0 (the process that writes metrics).
+# Follows the training log of one worker (WORKER=0 by default: the process that prints metrics).
 set -euo pipefail
 # shellcheck source=tpu/common.sh
 source "$(dirname "$0")/common.sh" "$@"
 
-run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --project="$PROJECT" --worker=0 \
-  --command="tail -n 100 -f ~/train.log"
+on_workers "${WORKER:-0}" "$(worker_sh) logs"

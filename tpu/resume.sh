@@ -1,36 +1,130 @@
 #!/usr/bin/env bash
-# Keeps a spot slice training until it finishes: when the slice is preempted (or gone), it is
-# deleted, recreated, set up and relaunched; training resumes from the last checkpoint in $WORKDIR.
+# Babysits a (Spot) slice until training finishes. Every POLL_SECONDS it reads the slice's state
+# and acts:
+#   READY                      worker 0's training status: RUNNING: wait; NOT_INSTALLED: setup +
+#                              launch; IDLE or EXITED 143 (stopped at a checkpoint): launch;
+#                              EXITED 0: done, exit 0; other exits: relaunch, at most MAX_FAILURES
+#   PREEMPTED, TERMINATED, STOPPED, queued resource SUSPENDED or FAILED: delete and recreate
+#   NOT_FOUND                  create
+#   queued, being provisioned, being deleted: wait
+#   CREATING, REPAIRING, UNKNOWN, ...: wait, recreate after STUCK_SECONDS in the same state
+#   ERROR (gcloud failed: network, auth, API)   touch nothing; try again at the next poll
+# Training resumes from the last checkpoint in $WORKDIR. Run it where it can stay up (tmux, a
+# small VM); stop it before tpu/stop.sh or tpu/teardown.sh.
 set -euo pipefail
 # shellcheck source=tpu/common.sh
 source "$(dirname "$0")/common.sh" "$@"
 here="$(dirname "$0")"
 : "${POLL_SECONDS:=300}"
-
-state() {
-  gcloud compute tpus tpu-vm describe "$TPU_NAME" --zone="$ZONE" --project="$PROJECT" \
-    --format='value(state)' 2>/dev/null || echo MISSING
-}
+: "${STUCK_SECONDS:=3600}"
+: "${MAX_FAILURES:=3}"
+: "${UNREACHABLE_LIMIT:=12}"
 
 if [[ "$DRY_RUN" == "1" ]]; then
-  # One pass of the loop, printed.
+  # One recreation, printed.
   bash "$here/teardown.sh" --dry-run
   bash "$here/create.sh" --dry-run
   bash "$here/setup.sh" --dry-run
   bash "$here/launch.sh" --dry-run
   exit 0
 fi
-while true; do
-  case "$(state)" in
-    READY)
-      if run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --project="$PROJECT" --worker=0 \
-           --command="grep -q 'step .*' ~/train.log && ! pgrep -f experiments.train_sharded" ; then
-        echo "training process ended; check ~/train.log on worker 0"; exit 0
+require_ssh_agent
+
+log() {
+  echo "$(date -u +%FT%TZ) resume.sh: $*"
+}
+
+# READY, PREEMPTED, ... (the TPU VM's state), NOT_FOUND, ERROR, or QR_<state> for a queued resource
+# that has no usable TPU VM (ACCEPTED, WAITING_FOR_RESOURCES, PROVISIONING, SUSPENDED, FAILED, ...).
+slice_state() {
+  if [[ "$QUEUED" != "1" ]]; then
+    node_state
+    return
+  fi
+  local qr
+  qr="$(qr_state)"
+  case "$qr" in
+    ACTIVE) node_state ;;
+    NOT_FOUND | ERROR) echo "$qr" ;;
+    *) echo "QR_$qr" ;;
+  esac
+}
+
+# Worker 0's tpu/worker.sh status, NOT_INSTALLED on a fresh VM, or UNREACHABLE when ssh fails.
+training_status() {
+  local remote out
+  remote="if [ -f ~/$(q "$REPO_DIR")/tpu/worker.sh ]; then $(worker_sh) status; else echo NOT_INSTALLED; fi"
+  if out="$(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --project="$PROJECT" --worker=0 \
+              --command="$remote" 2>/dev/null)" && [[ -n "$out" ]]; then
+    tail -n 1 <<<"$out"
+  else
+    echo "UNREACHABLE"
+  fi
+}
+
+recreate() {
+  log "recreating the slice: $1"
+  bash "$here/teardown.sh" || log "delete failed (already gone?)"
+  WAIT=0 bash "$here/create.sh" || log "create failed; trying again at the next poll"
+}
+
+setup_and_launch() {
+  if [[ "$1" == "setup" ]]; then
+    bash "$here/setup.sh" || { log "setup failed; trying again at the next poll"; return; }
+  fi
+  bash "$here/launch.sh" || log "launch failed; trying again at the next poll"
+}
+
+failures=0
+unreachable=0
+tend_training() {
+  local status
+  status="$(training_status)"
+  if [[ "$status" != "UNREACHABLE" ]]; then unreachable=0; fi
+  case "$status" in
+    RUNNING) ;;
+    "EXITED 0") log "training finished (worker 0's log: tpu/logs.sh)"; exit 0 ;;
+    NOT_INSTALLED) log "fresh slice: setting up and launching"; setup_and_launch setup ;;
+    IDLE) log "launching"; setup_and_launch launch ;;
+    "EXITED 143") log "training stopped at a checkpoint (preemption notice); relaunching"; setup_and_launch launch ;;
+    EXITED*)
+      failures=$((failures + 1))
+      if ((failures > MAX_FAILURES)); then
+        log "training failed $failures times ($status); giving up: see tpu/logs.sh"
+        exit 1
+      fi
+      log "training failed ($status, failure $failures of $MAX_FAILURES allowed); relaunching"
+      setup_and_launch launch ;;
+    *)
+      unreachable=$((unreachable + 1))
+      log "worker 0 unreachable over ssh ($unreachable/$UNREACHABLE_LIMIT)"
+      if ((unreachable >= UNREACHABLE_LIMIT)); then
+        log "giving up: check 'gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE' by hand"
+        exit 1
       fi ;;
-    PREEMPTED|TERMINATED|MISSING)
-      bash "$here/teardown.sh" || true
-      bash "$here/create.sh" && bash "$here/setup.sh" && bash "$here/launch.sh" ;;
-    *) ;;  # CREATING, STARTING, ...: wait
+  esac
+}
+
+last=""
+since=$SECONDS
+while true; do
+  state="$(slice_state)"
+  if [[ "$state" != "$last" ]]; then
+    log "slice $TPU_NAME: $state"
+    last="$state"
+    since=$SECONDS
+  fi
+  case "$state" in
+    READY) tend_training ;;
+    NOT_FOUND) log "no slice: creating it"; WAIT=0 bash "$here/create.sh" || log "create failed; trying again at the next poll" ;;
+    PREEMPTED | TERMINATED | STOPPED | QR_SUSPENDED | QR_FAILED) recreate "$state" ;;
+    ERROR) ;;  # gcloud could not tell (its error is above): a healthy slice must not be deleted for that
+    QR_ACCEPTED | QR_WAITING_FOR_RESOURCES) ;;  # queued for capacity: waiting is what the queue is for
+    *)
+      if ((SECONDS - since >= STUCK_SECONDS)); then
+        recreate "$state for $((SECONDS - since)) s"
+        last=""
+      fi ;;
   esac
   sleep "$POLL_SECONDS"
 done

@@ -209,7 +209,9 @@ class TrainCheckpointer:
     if save_every < 1 or (keep is not None and keep < 1):
       raise ValueError(f"save_every ({save_every}) and keep ({keep}) must be >= 1 (keep may be None).")
     # epath: local folders and gs:// buckets (pods checkpoint to shared storage) alike.
-    self.directory = epath.Path(directory).absolute()
+    path = epath.Path(directory)
+    # epath's absolute() prefixes the working directory to URLs (gs://b/x -> <cwd>/gs:/b/x).
+    self.directory = path if "://" in str(directory) else path.absolute()
     self._identity = as_json(dict(identity))
     self.read_only = read_only
     self._lock = None

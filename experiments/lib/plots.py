@@ -46,6 +46,24 @@ def plot_curves(metrics: list[dict], path: Path, title: str) -> None:
 
 def accuracy_vs_params(points: Sequence[tuple[str, int, float, float]], path: Path, title: str) -> None:
   """One error bar per ``(name, trainable params, mean accuracy %, std %)``, log x axis; nothing without points."""
+  metric_vs_params(points, path, title, xlabel="trainable parameters (incl. 770 of the head)",
+                   ylabel="dev accuracy (%)")
+
+
+def metric_vs_params(points: Sequence[tuple[str, int, float, float]], path: Path, title: str, *, xlabel: str,
+                     ylabel: str, baseline: tuple[str, float] | None = None) -> None:
+  """One error bar per ``(name, trainable params, mean, std)`` of any metric, log x axis; nothing without points.
+
+  Args:
+    points: the rows; a NaN std (one seed) draws no bar.
+    path: the PNG.
+    title: the plot's title.
+    xlabel: the x axis label.
+    ylabel: the y axis label.
+    baseline: ``(name, value)`` drawn as a dashed horizontal line (a row without trainable
+      parameters, which a log axis cannot place), or only named in the legend when it lies
+      far outside the rows' range; ``None`` for none.
+  """
   if not points:
     return
   plt = _pyplot()
@@ -56,7 +74,13 @@ def accuracy_vs_params(points: Sequence[tuple[str, int, float, float]], path: Pa
     k = seen.setdefault(n, 0)
     seen[n] += 1
     ax.errorbar(max(n, 1) * 1.06 ** k, mean, yerr=0 if np.isnan(std) else std, fmt="o", capsize=3, label=name)
+  if baseline is not None:
+    label = f"{baseline[0]}: {baseline[1]:.4g}"
+    lo, hi = ax.get_ylim()
+    if lo - (hi - lo) <= baseline[1] <= hi + (hi - lo):
+      ax.axhline(baseline[1], color="gray", ls="--", lw=1, label=label)
+    else:  # far off the rows' range: drawing it would flatten their differences; name it only
+      ax.plot([], [], " ", label=f"{label} (off the chart)")
   ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-  ax.set(xscale="log", xlabel="trainable parameters (incl. 770 of the head)", ylabel="dev accuracy (%)",
-         title=title)
+  ax.set(xscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
   _save(fig, path)

@@ -10,7 +10,7 @@ GEMMA_STAMP := $(VENV)/.installed-gemma
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install test test-slow demo demo-minilm demo-tiny bench bench-scan reproduce clean
+.PHONY: install test test-slow demo demo-minilm demo-tiny bench bench-levers bench-profile bench-gemma3 bench-torch bench-scan reproduce reproduce-llm clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,12 +51,34 @@ demo-tiny: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m experiments.bench_core
+	$(BIN)/python -m experiments.bench_core --hidden 1024
+
+# Each lever on the low-rank term timed in one LoRA step, and the step's HLO/profile by kind of op.
+bench-levers: $(STAMP)
+	$(BIN)/python -m experiments.bench_levers
+
+bench-profile: $(STAMP)
+	$(BIN)/python -m experiments.bench_profile
+
+# Frozen fwd+bwd, qwix LoRA and MoS on the real Gemma 3 270M (~4 min on 2 cores).
+bench-gemma3: $(STAMP) $(GEMMA_STAMP)
+	$(BIN)/python -m experiments.bench_gemma3
+
+# PyTorch + PEFT on bench_core's shapes: the reference ratio for the README (not run by CI).
+# One thread: PyTorch's two-thread OpenMP pool stalls whenever another process holds a core.
+bench-torch: $(STAMP) $(TORCH_STAMP)
+	$(BIN)/python -m experiments.bench_peft_torch --threads 1
 
 bench-scan: $(STAMP)
 	$(BIN)/python -m experiments.bench_scan
 
 reproduce: $(STAMP)
 	$(BIN)/python -m experiments.sst2_claim
+
+# The claim table on Gemma 3 270M: resumable (finished runs are kept in
+# experiments/results/claim_llm.jsonl); ~90 min on 2 cores in all, any number of sittings.
+reproduce-llm: $(STAMP) $(GEMMA_STAMP)
+	$(BIN)/python -m experiments.claim_llm
 
 clean:
 	rm -rf $(VENV) runs

@@ -20,8 +20,13 @@ jax.block_until_ready. Memory per row is XLA's compiled memory analysis
 peak from memory_stats() is reported as well. Ratios are computed within the
 run. Results go to experiments/results/bench_core.json (--out).
 
-Run (defaults take a few minutes on 2 CPU cores):
+Two model sizes (--hidden): 256 (intermediate 688, 4 heads / 2 kv heads, batch 8 x 128, the
+default) and 1024 (intermediate 2816, 16 heads / 8 kv heads, batch 4 x 128), both 8 layers, rank
+8, float32. The 1024 run writes experiments/results/bench_core_h1024.json unless --out is given.
+
+Run (each size takes a few minutes on 2 CPU cores):
   .venv/bin/python -m experiments.bench_core
+  .venv/bin/python -m experiments.bench_core --hidden 1024
   .venv/bin/python -m experiments.bench_core --quick   # smoke run, seconds
 """
 
@@ -58,15 +63,27 @@ class Sizes:
 QUICK = Sizes(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=128,
               batch=2, seq=16, rank=4, repeats=3)
 
+#: The model sizes of the README's tables, by hidden size (head dim 64 in both).
+PRESETS = {256: Sizes(), 1024: Sizes(hidden=1024, intermediate=2816, heads=16, kv_heads=8, batch=4)}
+
+#: The issue's targets on CPU: MoS step / frozen fwd+bwd, by hidden size; MoS / LoRA step; MoS / LoRA peak.
+TARGET_OVER_FROZEN = {256: 1.25, 1024: 1.12}
+TARGET_MOS_OVER_LORA = 1.02
+
 
 def parse_args() -> argparse.Namespace:
   def extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=None, help="active rank r of LoRA and MoS (default 8)")
     p.add_argument("--layers", type=int, default=None, help="decoder layers L (default 8)")
+    p.add_argument("--hidden", type=int, default=256, choices=sorted(PRESETS),
+                   help="model size preset by hidden size (default 256)")
 
-  return bench.bench_parser(__doc__, out_file="bench_core.json",
-                               quick_help="tiny model, 3 repeats (smoke test)",
-                               repeats_help="timed calls per variant (default 20)", extra=extra).parse_args()
+  args = bench.bench_parser(__doc__, out_file="bench_core.json",
+                            quick_help="tiny model, 3 repeats (smoke test)",
+                            repeats_help="timed calls per variant (default 20)", extra=extra).parse_args()
+  if args.hidden != 256 and args.out == bench.results_path("bench_core.json"):
+    args.out = bench.results_path(f"bench_core_h{args.hidden}.json")
+  return args
 
 
 # ---------------------------------------------------------------- model, loss
@@ -197,7 +214,9 @@ def ratios(rows: dict[str, dict]) -> dict[str, float]:
       "lora_over_base_fwd": ms["LoRA step"] / ms["base fwd"],
       "mos_over_base_fwd": ms["MoS step"] / ms["base fwd"],
       "lora_over_base_fwd_bwd": ms["LoRA step"] / ms["base fwd+bwd"],
+      "lora_over_base_fwd_bwd_paired": paired(rows, "LoRA step", "base fwd+bwd"),
       "mos_over_base_fwd_bwd": ms["MoS step"] / ms["base fwd+bwd"],
+      "mos_over_base_fwd_bwd_paired": paired(rows, "MoS step", "base fwd+bwd"),
       "assemble_over_mos_step": ms["assemble"] / ms["MoS step"],
       "assemble_fwd_bwd_over_mos_step": ms["assemble fwd+bwd"] / ms["MoS step"],
       "mos_over_factors_step": ms["MoS step"] / ms["factors step"],
@@ -236,9 +255,18 @@ def table(rows: dict[str, dict], ratio: dict[str, float]) -> str:
   return "\n".join(lines)
 
 
+def targets(hidden: int, ratio: dict[str, float]) -> dict[str, Any]:
+  """The issue's targets for this size and whether this run met them (paired ratios, peak memory)."""
+  want = {"mos_over_base_fwd_bwd_paired": TARGET_OVER_FROZEN.get(hidden),
+          "mos_over_lora_step_paired": TARGET_MOS_OVER_LORA, "mos_over_lora_peak_memory": 1.0,
+          "assemble_fwd_bwd_over_mos_step": 0.01}
+  return {k: {"max": v, "value": ratio.get(k), "met": ratio.get(k) is not None and ratio[k] <= v}
+          for k, v in want.items() if v is not None}
+
+
 def main() -> None:
   args = parse_args()
-  s = bench.sizes_from(args, Sizes(), QUICK, overrides=("repeats", "rank", "layers"))
+  s = bench.sizes_from(args, PRESETS[args.hidden], QUICK, overrides=("repeats", "rank", "layers"))
   mcfg = mos_config(s)
   check_fits(mcfg, s.layers)
   print(f"sizes: {dataclasses.asdict(s)}")
@@ -271,7 +299,9 @@ def main() -> None:
             "base_params": int(sum(x.size for x in jax.tree_util.tree_leaves(params))),
             "environment": bench.environment(), "device_peak_bytes_in_use": peak,
             "rows": rows, "ratios": ratio,
-            "targets": {"mos_over_lora_step_max": 1.05, "assemble_over_mos_step_max": 0.01}}
+            "targets": targets(s.hidden, ratio)}
+  for name, t in result["targets"].items():
+    print(f"target {name} <= {t['max']}: {t['value']:.4f} {'met' if t['met'] else 'NOT met'}")
   bench.write_json(args.out, result)
 
 

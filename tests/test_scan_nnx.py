@@ -100,7 +100,8 @@ def test_scanned_nnx_equals_unrolled_outputs_and_pool_gradients(axis):
   out = scanned(x)
   np.testing.assert_allclose(out, unrolled(x), rtol=1e-5, atol=1e-6)
   assert np.abs(np.asarray(out) - np.asarray(base_out)).max() > 1e-3
-  np.testing.assert_allclose(mos_jax.nnx.merge(scanned)(x), out, rtol=1e-5, atol=1e-6)
+  # Outputs are O(4) after 4 layers: merging (W + ΔW) and the low-rank term round differently.
+  np.testing.assert_allclose(mos_jax.nnx.merge(scanned)(x), out, rtol=1e-5, atol=1e-5)
 
   loss = lambda m: (m(x) ** 2).sum()
   g_scanned = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(scanned)

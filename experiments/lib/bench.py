@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark scripts (bench_core, bench_quantized, bench_serving).
+"""Shared pieces of the benchmark scripts (bench_core, bench_levers, bench_gemma3, bench_serving, ...).
 
 The command-line flags they all take, a small HF Flax Llama built from a sizes
 object, compiled variants (train steps from ``mos_jax.train.make_step``) timed

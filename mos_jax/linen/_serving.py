@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mos_jax.core import AdapterStack, check_ids, row_factors
+from mos_jax.core import AdapterStack, check_ids, low_rank_term, row_factors
 from mos_jax.linen._inject import scanned_layer
 from mos_jax.linen._intercept import AdaptedCalls, flat_io, intercept_kernel_calls, module_input
 
@@ -72,9 +72,9 @@ def inject_multi(stack: AdapterStack, adapter_ids: jax.Array) -> Iterator[None]:
       raise ValueError(f"Layer {path} got input of shape {x.shape}, whose first axis is not the batch of "
                        f"{ids.shape[0]} adapter ids.")
     y = next_fun(*args, **kwargs)
-    h = jnp.einsum("b...i,bri->b...r", x, a)
-    term = jnp.einsum("b...r,bor->b...o", h, b)
-    term = term * row_scale.reshape((-1,) + (1,) * (term.ndim - 1))
+    # The training path's term per row: the scale lands on the r x d_in factor (NaN or 0 rows
+    # included), and for r <= 8 h·Bᵀ fuses into the add instead of being written out.
+    term = jax.vmap(low_rank_term)(x, a, b, row_scale)
     return y + unflatten(term).astype(y.dtype)
 
   with intercept_kernel_calls(handle):

@@ -12,10 +12,9 @@ import contextlib
 import dataclasses
 import json
 import signal
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import mos_jax
+from mos_jax import parallel
 from mos_jax.core import adapter_identity, path_str, tree_layout
 from experiments.lib.config import RESUMABLE_CHANGES, TrainConfig
 from experiments.lib.optim import learning_rate, make_optimizer
@@ -39,24 +39,6 @@ class Interrupted(SystemExit):
   def __init__(self, step: int):
     super().__init__(128 + signal.SIGTERM)
     self.step = step
-
-
-@contextlib.contextmanager
-def sigterm_flag(*, enabled: bool = True) -> Iterator[threading.Event]:
-  """An event that SIGTERM sets while the block runs, instead of killing the process.
-
-  The previous handler is back after the block. Signals can only be caught in
-  the main thread: elsewhere (or with ``enabled=False``) the event never fires.
-  """
-  flag = threading.Event()
-  if not enabled or threading.current_thread() is not threading.main_thread():
-    yield flag
-    return
-  previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
-  try:
-    yield flag
-  finally:
-    signal.signal(signal.SIGTERM, previous)
 
 
 def adapters_identity(trainable: Any) -> dict[str, Any] | None:
@@ -154,7 +136,7 @@ def fit(loss_fn: Callable[..., jax.Array], trainable: Any, params: Any,
         first = restored.step + 1
         _seek(next_batch, restored.data_state, restored.step)
         metrics = _metrics_until(metrics_path, restored.step)
-    sigterm = cleanup.enter_context(sigterm_flag(enabled=ckpt is not None))
+    sigterm = cleanup.enter_context(parallel.sigterm_flag(enabled=ckpt is not None))
     log = cleanup.enter_context(open(metrics_path, "w"))
     log.writelines(json.dumps(row) + "\n" for row in metrics)
     bar = tqdm(range(first, cfg.steps + 1), initial=first - 1, total=cfg.steps, desc=name,

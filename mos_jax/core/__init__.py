@@ -9,7 +9,7 @@ from mos_jax.core._assemble import (Factors, assemble, gather_factors, delta_wei
                                     merge, unmerge)
 from mos_jax.core._einsum import EinsumSpec
 from mos_jax.core._config import BERT_TARGETS, LLAMA_TARGETS, MoSConfig
-from mos_jax.core._files import MANIFEST, atomic_dir, atomic_file, recover, sha256_arrays, verify_manifest, write_manifest
+from mos_jax.core._files import MANIFEST, atomic_dir, atomic_file, canonical_json, recover, sha256_arrays, verify_manifest, write_manifest
 from mos_jax.core._identity import (adapter_identity, as_json, differences,
                                     groups_from_identity, groups_identity, tree_layout)
 from mos_jax.core._memory import AdapterCost, MemoryEstimate, dtype_bits, estimate_memory
@@ -23,7 +23,7 @@ __all__ = [
     "Adapter", "adapt", "count_params", "dry_run", "require_adapter", "summary", "trainable_count",
     "Factors", "assemble", "gather_factors", "delta_weight", "kernel_delta", "layer_factors", "low_rank_term", "merge", "unmerge",
     "BERT_TARGETS", "LLAMA_TARGETS", "MoSConfig", "EinsumSpec",
-    "MANIFEST", "atomic_dir", "atomic_file", "recover", "sha256_arrays", "verify_manifest", "write_manifest",
+    "MANIFEST", "atomic_dir", "atomic_file", "canonical_json", "recover", "sha256_arrays", "verify_manifest", "write_manifest",
     "CorruptError", "MismatchError", "adapter_identity", "as_json", "differences", "groups_from_identity",
     "groups_identity", "tree_layout",
     "AdapterCost", "MemoryEstimate", "dtype_bits", "estimate_memory",

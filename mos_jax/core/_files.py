@@ -222,6 +222,11 @@ def verify_manifest(folder: Path) -> bool:
   return True
 
 
+def canonical_json(value: Any) -> str:
+  """JSON with sorted keys and no spaces: the same text for equal values, in any process."""
+  return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
 def sha256_arrays(named: Iterable[tuple[str, Any]]) -> str:
   """SHA-256 over each ``(name, array)``'s name, dtype, shape and bytes, in the given order."""
   h = hashlib.sha256()

@@ -14,7 +14,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from mos_jax.core import (Adapter, CorruptError, MoSConfig, Routing, as_json, atomic_file, check_indices,
+from mos_jax.core import (Adapter, CorruptError, MoSConfig, Routing, as_json, atomic_file, canonical_json, check_indices,
                           check_pools, check_params, count_params, groups_from_identity, groups_identity,
                           sha256_arrays)
 
@@ -28,13 +28,9 @@ HEADER_KEY = "mos_jax.adapter"
 _LEGACY_FORMAT = "mos_jax.adapter/2"
 
 
-def _canonical(value: Any) -> str:
-  return json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
 def _digest(header: dict[str, Any], tensors: dict[str, np.ndarray]) -> str:
   """SHA-256 over the header (without its ``sha256`` entry) and every tensor's name, dtype, shape, bytes."""
-  h = hashlib.sha256(_canonical({k: v for k, v in header.items() if k != "sha256"}).encode())
+  h = hashlib.sha256(canonical_json({k: v for k, v in header.items() if k != "sha256"}).encode())
   h.update(sha256_arrays((key, tensors[key]) for key in sorted(tensors)).encode())
   return h.hexdigest()
 
@@ -74,7 +70,7 @@ def save_adapter(path: str | Path, adapter: Adapter) -> Path:
   header = as_json(header)  # tuples as lists, exactly as they read back
   header["sha256"] = _digest(header, tensors)
   path = Path(path)
-  atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata={HEADER_KEY: _canonical(header)}))
+  atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata={HEADER_KEY: canonical_json(header)}))
   return path
 
 

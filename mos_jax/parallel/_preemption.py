@@ -12,6 +12,29 @@ from jax.experimental import multihost_utils
 
 
 @contextlib.contextmanager
+def sigterm_flag(*, enabled: bool = True) -> Iterator[threading.Event]:
+  """An event that SIGTERM sets while the block runs, instead of killing the process.
+
+  The previous handler is back after the block. Signals can only be caught in
+  the main thread: elsewhere (or with ``enabled=False``) the event never fires.
+
+  Example:
+    >>> with sigterm_flag() as stop:  # doctest: +SKIP
+    ...   while not stop.is_set():
+    ...     state = train_step(state)
+  """
+  flag = threading.Event()
+  if not enabled or threading.current_thread() is not threading.main_thread():
+    yield flag
+    return
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+  try:
+    yield flag
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
 def preemption_notice() -> Iterator[Callable[[int], bool]]:
   """Yields ``reached(step)``: whether to checkpoint and stop after ``step``, the same on every process.
 
@@ -44,12 +67,5 @@ def preemption_notice() -> Iterator[Callable[[int], bool]]:
     # Orbax's PreemptionCheckpointingPolicy asks the same question with the same step numbers.
     yield multihost_utils.reached_preemption_sync_point
     return
-  flag = threading.Event()
-  if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+  with sigterm_flag() as flag:
     yield lambda step: flag.is_set()
-    return
-  previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
-  try:
-    yield lambda step: flag.is_set()
-  finally:
-    signal.signal(signal.SIGTERM, previous)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import socket
@@ -20,7 +19,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from etils import epath
 
-from mos_jax.core import CorruptError, MismatchError, as_json, differences, path_str, sha256_arrays, tree_layout
+from mos_jax.core import (CorruptError, MismatchError, as_json, canonical_json, differences, path_str, sha256_arrays,
+                          tree_layout)
 
 #: Written into every checkpoint; bumped when the layout below changes. Format 2 adds
 #: ``meta_sha256``, a checksum of the metadata itself.
@@ -50,7 +50,7 @@ class CheckpointLockedError(RuntimeError):
 def _meta_digest(meta: Mapping[str, Any]) -> str:
   """SHA-256 of the metadata (all but its own ``meta_sha256``) as canonical JSON."""
   body = {k: v for k, v in meta.items() if k != "meta_sha256"}
-  return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+  return hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
 def _checked_meta(step: int, meta: Any) -> dict[str, Any]:

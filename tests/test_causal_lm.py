@@ -14,7 +14,7 @@ from experiments.lib.config import TrainConfig
 from experiments.lib.gsm8k_data import exact_match, final_number, generate_problems, load_jsonl
 from experiments.lib.lm import decode_new, encode, encode_example, left_pad_prompts, masked_lm_loss, train_lm
 from experiments.lib.models import load_causal_lm, tiny_llama, train_tokenizer
-from helpers import random_pools
+from helpers import assert_close, random_pools
 
 FACTS = [("capital of France?", "Paris"), ("capital of Japan?", "Tokyo"), ("color of the sky?", "blue"),
          ("two plus two?", "four"), ("opposite of hot?", "cold"), ("largest planet?", "Jupiter"),
@@ -33,12 +33,12 @@ def test_masked_loss_by_hand():
   loss_mask = jnp.array([[0, 0, 1, 1, 0]])
   logits = jnp.log(jnp.array([[[.2, .3, .5], [.1, .1, .8], [.6, .3, .1], [.3, .3, .4], [.2, .2, .6]]]))
   expected = -(np.log(0.8) + np.log(0.3)) / 2  # p(r0=2 | ..p1) and p(r1=1 | ..r0)
-  np.testing.assert_allclose(float(masked_lm_loss(logits, ids, loss_mask)), expected, rtol=1e-6)
+  assert_close(float(masked_lm_loss(logits, ids, loss_mask)), expected, rtol=1e-5)
   # Whatever the model predicts for prompt tokens (and padding) changes nothing.
   scrambled = logits.at[0, 0].set(jnp.log(jnp.array([.9, .05, .05]))).at[0, 4].set(0.0)
-  np.testing.assert_allclose(float(masked_lm_loss(scrambled, ids, loss_mask)), expected, rtol=1e-6)
+  assert_close(float(masked_lm_loss(scrambled, ids, loss_mask)), expected, rtol=1e-5)
   # Changing the prompt's own tokens' targets changes nothing either.
-  np.testing.assert_allclose(float(masked_lm_loss(logits, ids.at[0, 1].set(0), loss_mask)), expected, rtol=1e-6)
+  assert_close(float(masked_lm_loss(logits, ids.at[0, 1].set(0), loss_mask)), expected, rtol=1e-5)
 
 
 def test_encode_masks_exactly_the_response(tokenizer):

@@ -23,6 +23,7 @@ from tunix.models.gemma3 import model as g3  # noqa: E402
 import mos_jax  # noqa: E402
 from experiments import claim_llm  # noqa: E402
 from experiments.lib import gemma3, instruct  # noqa: E402
+from helpers import assert_close
 
 VOCAB = 64
 
@@ -94,15 +95,15 @@ def test_response_scores_match_the_full_forward_and_metrics_add_batches_up():
 
   full, got, loss, sums = jitted(everything, model)(batch)
   want = np.take_along_axis(np.asarray(full), batch["positions"][..., None], axis=1)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # the head applied only where it is needed
-  np.testing.assert_allclose(sums["nll"] / sums["tokens"], loss, rtol=1e-6)
+  assert_close(got, want, rtol=1e-5)  # the head applied only where it is needed
+  assert_close(sums["nll"] / sums["tokens"], loss, rtol=1e-5)
   first = want[:, 0]
   assert int(sums["correct"]) == int((first[:, [4, 5]].argmax(-1) == batch["label"]).sum())
   assert int(sums["greedy"]) == int((first.argmax(-1) == np.asarray([4, 5])[batch["label"]]).sum())
   halves = iter([jax.tree_util.tree_map(lambda x: x / 2, sums)] * 2)  # metrics over 2 batches of 2
   m = instruct.metrics(lambda b: next(halves), batch, eval_batch=2)
   assert m["n"] == 4 and m["accuracy"] == float(sums["correct"]) / 4
-  np.testing.assert_allclose(m["nll"], float(sums["nll"] / sums["tokens"]), rtol=1e-5)
+  assert_close(m["nll"], float(sums["nll"] / sums["tokens"]), rtol=1e-5)
   with pytest.raises(ValueError, match="multiple of eval_batch"):
     instruct.metrics(lambda b: sums, batch, eval_batch=3)
 

@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 from transformers import FlaxLlamaForCausalLM
 
 from conftest import hf_numerics
-from helpers import random_pools
+from helpers import assert_close, random_pools
 import mos_jax.hf
 from mos_jax import MoSConfig, adapt, export_peft, inject, load_adapter, merge, save_adapter
 from mos_jax.core import CorruptError, MismatchError, delta_weight, layer_factors
@@ -281,7 +281,7 @@ def test_merged_export_loads_with_from_pretrained(tiny_llama, trained, tmp_path)
   injected = adapted_logits(tiny_llama, tiny_llama.params, trained)
   assert np.abs(injected - base).max() > 1e-2  # the adapter changes the output...
   # ...and merged weights reproduce it up to float32 rounding of W + ΔW vs. W x + ΔW x.
-  np.testing.assert_allclose(logits, injected, rtol=1e-5, atol=1e-5)
+  assert_close(logits, injected, rtol=1e-5)
 
 
 def test_exports_replace_an_existing_folder_whole(trained, tmp_path):

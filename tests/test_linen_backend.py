@@ -16,14 +16,9 @@ from transformers import FlaxGPT2LMHeadModel, GPT2Config
 import mos_jax
 import mos_jax.hf
 from conftest import hf_numerics
-from helpers import random_pools
+from helpers import random_pools, rel_err
 
 RTOL = 1e-5
-
-
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)
 
 
 class Layers(nn.Module):

@@ -15,7 +15,7 @@ from flax import nnx
 
 import mos_jax
 from conftest import hf_numerics
-from helpers import random_pools
+from helpers import assert_close, random_pools, rel_err
 
 g3 = pytest.importorskip("tunix.models.gemma3.model")
 l3 = pytest.importorskip("tunix.models.llama3.model")
@@ -23,11 +23,6 @@ q3 = pytest.importorskip("tunix.models.qwen3.model")
 
 RTOL = 1e-5
 BASE = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
-
-
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)
 
 
 def randomize(model, seed=0, scale=0.2):
@@ -199,7 +194,7 @@ def test_nnx_and_linen_models_with_the_same_weights_agree():
                                 for name in ("up", "down")} for i in range(3)}}
   linen = LinenModel()
   to_linen = lambda p: {f"layers_{i}": p["layers"][str(i)] for i in range(3)}
-  np.testing.assert_allclose(linen.apply({"params": to_linen(params)}, x), nnx_model(x), rtol=1e-6, atol=1e-6)
+  assert_close(linen.apply({"params": to_linen(params)}, x), nnx_model(x), rtol=1e-5)
 
   config = mos_jax.MoSConfig(rank=3, equivalent_rank=1, shards_per_vector=2, target_modules=("up", "down"))
   linen_adapter = mos_jax.adapt(params, config)
@@ -280,8 +275,8 @@ def test_sharded_step_on_a_mesh_matches_one_device():
   single, single_adapter = run(None)
   mesh = mos_jax.parallel.make_mesh(mos_jax.parallel.MeshConfig(data=2, fsdp=2, tensor=2))
   sharded, sharded_adapter = run(mesh)
-  np.testing.assert_allclose(sharded, single, rtol=1e-5)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+  assert_close(sharded, single, rtol=1e-5)
+  jax.tree_util.tree_map(lambda a, b: assert_close(a, b, rtol=1e-4),
                          sharded_adapter.pools, single_adapter.pools)
 
 
@@ -373,7 +368,7 @@ def test_unbind_bind_trains_the_adapter_with_the_one_train_step():
   flat = dict(nnx.to_flat_state(nnx_grads))
   for name, layer in by_group.items():
     key = next(k for k in flat if k[-1] == "a" and _reaches(adapted, k[:-1]) is layer.pools)
-    np.testing.assert_allclose(grads.pools[name]["A"], flat[key][...], rtol=1e-5, atol=1e-7)
+    assert_close(grads.pools[name]["A"], flat[key][...], rtol=1e-5)
   step = mos_jax.train.make_step(lambda a, s, batch, rng: loss_fn(mos_jax.nnx.bind(graphdef, a, s)),
                                  optax.adam(1e-2))
   opt_state = optax.adam(1e-2).init(adapter)

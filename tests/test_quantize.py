@@ -9,7 +9,7 @@ import pytest
 from flax.core import freeze
 
 from conftest import hf_numerics
-from helpers import random_pools
+from helpers import assert_close, random_pools
 from mos_jax import MoSConfig, adapt, make_train_step
 from mos_jax.linen import (NF4_CODEBOOK, NF4Kernel, QuantizedKernel, adapted_loss, dequantize, dequantized_dense,
                            is_quantized, quantize, quantize_int8, quantize_nf4, quantized_bytes)
@@ -72,7 +72,7 @@ def test_nf4_picks_the_nearest_code_and_packs_two_per_byte():
   np.testing.assert_array_equal(packed >> 4, nearest[0::2])  # even input rows: high nibble
   np.testing.assert_array_equal(packed & 0xF, nearest[1::2])
   expected = (code[nearest].reshape(4, 32, 24) * absmax).reshape(128, 24)
-  np.testing.assert_allclose(np.asarray(q.dequantize()), expected, rtol=1e-6)
+  assert_close(np.asarray(q.dequantize()), expected, rtol=1e-5)
   # Error is at most half the widest codebook gap times the block absmax.
   half_gap = np.diff(code).max() / 2
   assert (np.abs(np.asarray(w) - expected).reshape(4, 32, 24) <= half_gap * absmax + 1e-7).all()
@@ -183,7 +183,7 @@ def test_quantized_logits_close_to_float(tiny_llama, qllama):
   # 29 quantized kernels compound it; 2e-2 leaves ~3x margin, a wrong scale axis
   # or an off-by-one in rounding gives errors of order 1.
   assert rel(upfront) < 2e-2, rel(upfront)
-  np.testing.assert_allclose(on_the_fly, upfront, rtol=0, atol=1e-5)
+  assert_close(on_the_fly, upfront, rtol=1e-5)
   # NF4 has 16 levels against int8's 255 (measured 0.134 with 16-element blocks).
   assert rel(upfront) < rel(nf4) < 0.25, rel(nf4)
 
@@ -209,7 +209,7 @@ def test_dequantized_dense_matches_nn_dense_with_gradients(scheme):
   for argnums in (0, 1):
     fly = jax.jit(jax.value_and_grad(lambda a, b: f(True, a, b), argnums))(x, params["bias"])
     ref = jax.value_and_grad(lambda a, b: f(False, a, b), argnums)(x, params["bias"])
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), fly, ref)
+    jax.tree_util.tree_map(lambda a, b: assert_close(a, b, rtol=1e-5), fly, ref)
 
 
 def test_on_the_fly_keeps_the_adapter_term(tiny_llama, qllama):
@@ -221,8 +221,8 @@ def test_on_the_fly_keeps_the_adapter_term(tiny_llama, qllama):
   (l_ref, g_ref), (l_fly, g_fly) = ref(trained, qllama, IDS), fly(trained, qllama, IDS)
   base, _ = fly(adapter, qllama, IDS)
   assert abs(float(l_fly) - float(base)) > 1e-2  # random pools do change the loss ...
-  np.testing.assert_allclose(l_fly, l_ref, rtol=1e-5)  # ... by exactly what upfront dequant gives
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g_fly, g_ref)
+  assert_close(l_fly, l_ref, rtol=1e-5)  # ... by exactly what upfront dequant gives
+  jax.tree_util.tree_map(lambda a, b: assert_close(a, b, rtol=1e-4), g_fly, g_ref)
 
 
 @pytest.mark.parametrize("on_the_fly,recompute,saved", [(False, False, 26), (True, False, 26), (True, True, 0)])

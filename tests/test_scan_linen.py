@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import mos_jax
-from helpers import random_pools
+from helpers import assert_close, random_pools
 
 L = 4
 NAMES = ("q", "up", "down")
@@ -99,11 +99,10 @@ def test_scanned_equals_unrolled_outputs_and_pool_gradients(axis):
     out_scanned = model.apply({"params": mos_jax.linen.attach(params, scanned)}, x)
   with mos_jax.inject(unrolled):
     out_unrolled = apply_unrolled(flat, x)
-  np.testing.assert_allclose(out_scanned, out_unrolled, rtol=1e-5, atol=1e-6)
+  assert_close(out_scanned, out_unrolled, rtol=1e-5)
   assert np.abs(np.asarray(out_scanned) - np.asarray(model.apply({"params": params}, x))).max() > 1e-3
   # The merged stack (ΔW in the kernel's own layout, layer axis included) gives the same outputs.
-  np.testing.assert_allclose(model.apply({"params": mos_jax.merge(params, scanned)}, x), out_scanned,
-                             rtol=1e-5, atol=1e-6)
+  assert_close(model.apply({"params": mos_jax.merge(params, scanned)}, x), out_scanned, rtol=1e-5)
   g_scanned, g_unrolled = jax.grad(scanned_loss)(scanned), jax.grad(unrolled_loss)(unrolled)
   by_leaf = {g.name.split("/")[-1]: g.name for g in unrolled.groups}
   for g in scanned.groups:
@@ -166,7 +165,7 @@ def test_serving_many_adapters_on_a_scanned_model_equals_each_alone():
     else:
       with mos_jax.inject(adapters[k]):
         alone = model.apply({"params": mos_jax.linen.attach(params, adapters[k])}, x[row:row + 1])
-    np.testing.assert_allclose(out[row:row + 1], alone, rtol=1e-5, atol=1e-6)
+    assert_close(out[row:row + 1], alone, rtol=1e-5)
 
 
 def test_stacked_peft_export_names_each_layer(tmp_path):
@@ -186,7 +185,7 @@ def test_stacked_peft_export_names_each_layer(tmp_path):
     for name in NAMES:
       a, b = factors[f"model/layers/{i}/{name}"]
       delta = np.asarray(merged["layers"][name]["kernel"][:, i] - params["layers"][name]["kernel"][:, i])
-      np.testing.assert_allclose(scale * (b @ a).T, delta, rtol=1e-4, atol=1e-6)
+      assert_close(scale * (b @ a).T, delta, rtol=1e-4)
 
 
 def test_stacked_adapter_round_trips_through_orbax_and_the_native_file(tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import hf_numerics
-from helpers import random_pools
+from helpers import assert_close, random_pools
 from mos_jax import MoSConfig, adapt, assemble, inject
 from mos_jax.core import row_factors, stack_adapters
 from mos_jax.linen import inject_multi
@@ -57,8 +57,8 @@ def test_mixed_batch_rows_equal_each_adapter_alone(tiny_llama, adapters):
     ref = alone(tiny_llama, adapter, input_ids[rows])
     assert np.abs(ref - base[rows]).max() > 1e-2  # each adapter visibly changes its rows
     # Same float32 products, grouped differently (batched per row vs shared factors).
-    np.testing.assert_allclose(mixed[rows], ref, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(mixed[ids == -1], base[ids == -1], rtol=1e-6, atol=1e-6)
+    assert_close(mixed[rows], ref, rtol=1e-5)
+  assert_close(mixed[ids == -1], base[ids == -1], rtol=1e-5)
   # Adapters really differ from each other, so a row given the wrong adapter would fail above.
   rows = np.flatnonzero(ids == 0)
   assert np.abs(alone(tiny_llama, adapters[1], input_ids[rows]) - mixed[rows]).max() > 1e-2
@@ -82,8 +82,7 @@ def test_new_adapters_of_the_same_shapes_reuse_the_compiled_forward(tiny_llama, 
   forward(stack_adapters(adapters[:2]), ids, input_ids)
   swapped = forward(stack_adapters(adapters[1:]), ids, input_ids)
   assert forward._cache_size() == 1
-  np.testing.assert_allclose(np.asarray(swapped)[0], alone(tiny_llama, adapters[1], input_ids[:1])[0],
-                             rtol=1e-5, atol=1e-5)
+  assert_close(np.asarray(swapped)[0], alone(tiny_llama, adapters[1], input_ids[:1])[0], rtol=1e-5)
 
 
 def test_stack_memory_is_the_pools_plus_routing(adapters):
@@ -138,9 +137,9 @@ def test_invalid_ids_under_jit_never_serve_another_adapter(tiny_llama, adapters)
   forward = forward_fn(tiny_llama)
   out = np.asarray(forward(stack, jnp.asarray(ids), input_ids))
   assert np.isnan(out[:3]).all()  # poisoned, not clipped onto adapter 2 / the base model
-  np.testing.assert_allclose(out[3:4], alone(tiny_llama, adapters[1], input_ids[3:4]), rtol=1e-5, atol=1e-5)
+  assert_close(out[3:4], alone(tiny_llama, adapters[1], input_ids[3:4]), rtol=1e-5)
   with hf_numerics():
-    np.testing.assert_allclose(out[4:], np.asarray(tiny_llama(input_ids[4:]).logits), rtol=1e-5, atol=1e-5)
+    assert_close(out[4:], np.asarray(tiny_llama(input_ids[4:]).logits), rtol=1e-5)
 
 
 def test_serve_checks_ids_on_the_host_before_dispatch(tiny_llama, adapters):

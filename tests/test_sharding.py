@@ -11,6 +11,7 @@ import mos_jax
 from conftest import hf_numerics
 from mos_jax import MoSConfig
 from mos_jax.parallel import (MeshConfig, base_shardings, base_spec, batch_sharding, init_opt_state, make_mesh,
+from helpers import assert_close
                               pool_shardings)
 
 IDS = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(8, 9)), jnp.int32)
@@ -59,7 +60,7 @@ def test_sharded_step_matches_single_device(tiny_llama, reference, shape, follow
   batch = jax.device_put(IDS, batch_sharding(mesh))
   trained, losses = run_steps(step, trained, opt_state, params, batch)
   assert trained.routing == adapter.routing
-  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  assert_close(losses, ref_losses, rtol=1e-5)
   for name, entry in trained.pools.items():
     for factor, value in entry.items():
       ref = ref_pools[name][factor]

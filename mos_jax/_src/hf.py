@@ -14,10 +14,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mos_jax.core import (Adapter, KernelLayout, MismatchError, atomic_dir, differences, merge, tree_layout,
-                          write_manifest)
-from mos_jax.linen import inject, kernel_layouts as _linen_layouts
-
+from mos_jax._src.core.adapter import Adapter
+from mos_jax._src.core.assemble import merge
+from mos_jax._src.core.identity import differences, tree_layout
+from mos_jax._src.core.targets import KernelLayout
+from mos_jax._src.errors import MismatchError
+from mos_jax._src.io.files import atomic_dir, write_manifest
+from mos_jax._src.linen.inject import inject, kernel_layouts as _linen_layouts
 
 
 def generate(model: Any, params: Any, input_ids: jax.Array, *, adapter: Adapter | None = None,

@@ -1,4 +1,4 @@
-"""The :class:`Adapter` value (pools + routing, a pytree) and ``adapt``."""
+"""The :class:`Adapter` value (trainable pools + static :class:`AdapterSpec`, a pytree) and ``adapt``."""
 
 from __future__ import annotations
 
@@ -8,24 +8,24 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from mos_jax.core._config import MoSConfig
-from mos_jax.core._pools import Pools, check_pools, init_pools, pool_shapes
-from mos_jax.core._routing import Routing, check_group, make_routing
-from mos_jax.core._targets import Group, KernelLayout, find_groups
+from mos_jax._src.core.config import MoSConfig
+from mos_jax._src.core.pools import Pools, check_pools, init_pools, pool_shapes
+from mos_jax._src.core.routing import AdapterSpec, check_group, make_spec
+from mos_jax._src.core.targets import Group, KernelLayout, find_groups
 
 
 @dataclasses.dataclass(frozen=True)
 class Adapter:
-  """A MoS adapter: trainable pools plus static routing, as one pytree.
+  """A MoS adapter: trainable pools plus its static spec, as one pytree.
 
   Its leaves are exactly the pools, so ``optimizer.init(adapter)``,
   ``jax.grad`` with respect to an adapter, ``jax.device_put`` and Orbax all
-  see only the trainable parameters; the routing (config, groups, index
-  arrays, version) and the base model's parameter count are static.
+  see only the trainable parameters; the spec (config, groups, index
+  arrays, routing version) and the base model's parameter count are static.
 
   Attributes:
     pools: ``{group: {"A": P_A, "B": P_B}}``.
-    routing: the static :class:`mos_jax.core.Routing`.
+    spec: the static :class:`mos_jax.core.AdapterSpec`: config, groups, index arrays and routing version.
     base_params: number of parameters of the base model it was made for (0 if unknown).
 
   Example:
@@ -37,32 +37,32 @@ class Adapter:
   """
 
   pools: Pools
-  routing: Routing
+  spec: AdapterSpec
   base_params: int = 0
 
   @property
   def config(self) -> MoSConfig:
-    return self.routing.config
+    return self.spec.config
 
   @property
   def groups(self) -> tuple[Group, ...]:
-    return self.routing.groups
+    return self.spec.groups
 
   def replace(self, **changes: Any) -> "Adapter":
     """A copy with fields replaced, e.g. ``adapter.replace(pools=trained)``; the pools are checked."""
     new = dataclasses.replace(self, **changes)
-    check_pools(new.pools, new.routing)
+    check_pools(new.pools, new.spec)
     return new
 
 
-jax.tree_util.register_dataclass(Adapter, data_fields=["pools"], meta_fields=["routing", "base_params"])
+jax.tree_util.register_dataclass(Adapter, data_fields=["pools"], meta_fields=["spec", "base_params"])
 
 
 def require_adapter(value: Any, where: str) -> Adapter:
   """Returns ``value`` if it is an :class:`Adapter`, else raises a ``TypeError`` saying what to pass."""
   if not isinstance(value, Adapter):
-    raise TypeError(f"{where} takes an mos_jax.Adapter (pools and routing in one value, from mos_jax.adapt "
-                    f"or mos_jax.load_adapter), got {type(value).__name__}. Pools, factors or a routing "
+    raise TypeError(f"{where} takes an mos_jax.Adapter (pools and spec in one value, from mos_jax.adapt "
+                    f"or mos_jax.load_adapter), got {type(value).__name__}. Pools, factors or a spec "
                     "alone cannot be checked against each other.")
   return value
 
@@ -84,7 +84,7 @@ def adapt(params: Any, config: MoSConfig, *, layouts: Mapping[str, KernelLayout]
       kernels that are not 2-D ``(d_in, d_out)`` and to check module types.
 
   Returns:
-    An :class:`Adapter`: train it (its leaves are the pools), keep its routing static.
+    An :class:`Adapter`: train it (its leaves are the pools), keep its spec static.
 
   Raises:
     ValueError: no module matched, a matched kernel cannot be adapted, a module
@@ -98,8 +98,8 @@ def adapt(params: Any, config: MoSConfig, *, layouts: Mapping[str, KernelLayout]
     >>> adapter.pools["layers/*/q_proj"]["A"].shape
     (8, 4)
   """
-  routing = make_routing(config, find_groups(params, config, layouts=layouts))
-  return Adapter(pools=init_pools(routing), routing=routing, base_params=count_params(params))
+  spec = make_spec(config, find_groups(params, config, layouts=layouts))
+  return Adapter(pools=init_pools(spec), spec=spec, base_params=count_params(params))
 
 
 def _lora_count(groups: tuple[Group, ...], rank: int) -> int:

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mos_jax.core._adapter import Adapter, require_adapter
-from mos_jax.core._pools import check_pools
-from mos_jax.core._targets import Group, check_params, kernel_module, path_str
+from mos_jax._src.core.adapter import Adapter, require_adapter
+from mos_jax._src.core.pools import check_pools
+from mos_jax._src.core.targets import Group, check_params, kernel_module, path_str
 
 Factors = dict[str, dict[str, jax.Array]]
 
@@ -52,13 +52,13 @@ def assemble(adapter: Adapter) -> Factors:
   Example:
     >>> factors = jax.jit(assemble)(adapter)  # doctest: +SKIP
   """
-  routing = require_adapter(adapter, "assemble").routing
-  check_pools(adapter.pools, routing)
-  r = routing.config.rank
+  spec = require_adapter(adapter, "assemble").spec
+  check_pools(adapter.pools, spec)
+  r = spec.config.rank
   factors = {}
-  for g in routing.groups:
-    a, b = gather_factors(adapter.pools[g.name]["A"], adapter.pools[g.name]["B"], routing.index_a[g.name],
-                          routing.index_b[g.name], g, r)
+  for g in spec.groups:
+    a, b = gather_factors(adapter.pools[g.name]["A"], adapter.pools[g.name]["B"], spec.index_a[g.name],
+                          spec.index_b[g.name], g, r)
     factors[g.name] = {"A": a, "B": b}
   return factors
 

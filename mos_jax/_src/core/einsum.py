@@ -1,7 +1,10 @@
 """Einsum-style kernels as the linear maps they are: which kernel axes are contracted, which are free.
 
-Framework-free, shared by every backend whose layers apply a kernel with an
-einsum equation (linen ``nn.Einsum``, NNX ``nnx.Einsum``, Tunix/gemma ``Einsum``).
+Framework-free, and the one rule every backend whose layers apply a kernel with an
+einsum equation (linen ``nn.Einsum``, NNX ``nnx.Einsum``, Tunix/gemma ``Einsum``)
+follows: :meth:`EinsumSpec.of_call` says which equation a call applies,
+:meth:`EinsumSpec.flat_io` flattens its input to ``(..., d_in)`` and maps the
+``(..., d_out)`` low-rank term back to the output's layout.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from mos_jax.core._targets import Group, KernelLayout
+from mos_jax._src.core.targets import Group, KernelLayout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +51,29 @@ class EinsumSpec:
                contracted="".join(c for c in rhs if c in bare and c not in out),
                free="".join(c for c in rhs if c in out and c not in bare),
                keep=("..." if "..." in lhs else "") + "".join(c for c in bare if c in out and c not in rhs))
+
+  @classmethod
+  def of_call(cls, module_equation: str | None, args: tuple, kwargs: dict) -> "EinsumSpec | None":
+    """The equation one call of an einsum layer applies, parsed; ``None`` when there is none (a dense layer).
+
+    The equation given to the call (``einsum_str=``, or the first positional
+    argument after the input) takes precedence over the module's own, as in
+    ``nn.Einsum`` and ``nnx.Einsum``.
+
+    Args:
+      module_equation: the layer's own ``einsum_str`` (``None`` if it has none).
+      args: the call's positional arguments after the input.
+      kwargs: the call's keyword arguments.
+
+    Example:
+      >>> EinsumSpec.of_call("BTD,DH->BTH", ("BTD,DF->BTF",), {}).free
+      'F'
+    """
+    given = kwargs.get("einsum_str")
+    if given is None and args and isinstance(args[0], str):
+      given = args[0]
+    equation = given or module_equation
+    return cls.parse(equation) if isinstance(equation, str) else None
 
   def layout(self, module: str) -> KernelLayout:
     """The kernel's layout; unsupported when a kernel label is also a batch label or summed alone."""

@@ -9,8 +9,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from mos_jax.core._adapter import Adapter
-from mos_jax.core._targets import Group, path_str
+from mos_jax._src.core.adapter import Adapter
+from mos_jax._src.core.targets import Group, path_str
 
 
 def as_json(value: Any) -> Any:
@@ -56,12 +56,12 @@ def adapter_identity(adapter: Adapter, *, base_params: Any = None) -> dict[str, 
   Example:
     >>> ident = adapter_identity(adapter, base_params=model.params)  # doctest: +SKIP
   """
-  routing = adapter.routing
+  spec = adapter.spec
   ident = {
-      "mos_config": dataclasses.asdict(routing.config),
-      "routing_version": routing.version,
-      "routing_sha256": routing.digest,
-      "groups": groups_identity(routing.groups),
+      "mos_config": dataclasses.asdict(spec.config),
+      "routing_version": spec.version,
+      "routing_sha256": spec.digest,
+      "groups": groups_identity(spec.groups),
   }
   if base_params is not None:
     ident["base_model"] = tree_layout(base_params)

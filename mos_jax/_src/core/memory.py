@@ -10,13 +10,13 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from mos_jax.core._adapter import count_params, trainable_count
-from mos_jax.core._config import MoSConfig
-from mos_jax.core._routing import ROUTING_VERSION, Routing, make_routing
-from mos_jax.core._targets import Group, KernelLayout, find_groups
+from mos_jax._src.core.adapter import count_params, trainable_count
+from mos_jax._src.core.config import MoSConfig
+from mos_jax._src.core.routing import ROUTING_VERSION, AdapterSpec, make_spec
+from mos_jax._src.core.targets import Group, KernelLayout, find_groups
 
 GIB = 1 << 30
-#: Routing index arrays are int32 (see :func:`mos_jax.core.make_routing`).
+#: Routing index arrays are int32 (see :func:`mos_jax.core.make_spec`).
 INDEX_BYTES = np.dtype(np.int32).itemsize
 # 4-bit names numpy cannot size (nf4 is QLoRA's); counted as 4 bits, constants excluded.
 _FOUR_BIT = frozenset({"int4", "uint4", "nf4", "fp4", "float4_e2m1fn"})
@@ -217,10 +217,10 @@ def _human(n: int) -> str:
   return f"{n} B"
 
 
-def _routing_entries(routing: Routing) -> int:
+def _routing_entries(spec: AdapterSpec) -> int:
   # Both arrays, even when B reuses A's indices: a native file stores both.
-  return sum(int(routing.index_a[g.name].size + routing.index_b[g.name].size)
-             for g in routing.groups)
+  return sum(int(spec.index_a[g.name].size + spec.index_b[g.name].size)
+             for g in spec.groups)
 
 
 def _cost(label: str, config: MoSConfig, groups: tuple[Group, ...], routing_entries: int, *,
@@ -298,7 +298,7 @@ def estimate_memory(params_or_shapes: Any, config: MoSConfig, *, lora_rank: int 
   groups = find_groups(params_or_shapes, config, layouts=layouts)
   # Drawing the routing checks the config exactly as adapt does and counts the
   # indices a file stores; for a 7B model it is a few hundred small draws.
-  mos_routing = make_routing(config, groups)
+  mos_spec = make_spec(config, groups)
   budget_bytes = int(serving_budget_gib * GIB)
   common = dict(optimizer_moments=optimizer_moments, state_dtype=state_dtype,
                 adapter_dtype=adapter_dtype, count_routing=count_routing, budget_bytes=budget_bytes)
@@ -306,7 +306,7 @@ def estimate_memory(params_or_shapes: Any, config: MoSConfig, *, lora_rank: int 
                                       exclude_modules=config.exclude_modules)
   base_params = count_params(params_or_shapes)
   return MemoryEstimate(
-      mos=_cost(_mos_label(config), config, groups, _routing_entries(mos_routing), **common),
+      mos=_cost(_mos_label(config), config, groups, _routing_entries(mos_spec), **common),
       # Plain LoRA files carry no routing, hence 0 entries.
       lora=_cost(f"LoRA r={lora_rank}", lora_cfg(lora_rank), groups, 0, **common),
       lora_equivalent=_cost(f"LoRA r={config.equivalent_rank}", lora_cfg(config.equivalent_rank),

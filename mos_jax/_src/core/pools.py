@@ -8,9 +8,9 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from mos_jax.core._config import MoSConfig
-from mos_jax.core._routing import Routing
-from mos_jax.core._targets import Group
+from mos_jax._src.core.config import MoSConfig
+from mos_jax._src.core.routing import AdapterSpec
+from mos_jax._src.core.targets import Group
 
 Pools = dict[str, dict[str, jax.Array]]
 
@@ -22,27 +22,27 @@ def pool_shapes(config: MoSConfig, groups: Sequence[Group]) -> dict[str, dict[st
                    "B": (config.equivalent_rank * g.num_layers * l, g.d_out // l)} for g in groups}
 
 
-def init_pools(routing: Routing) -> Pools:
+def init_pools(spec: AdapterSpec) -> Pools:
   """Initialises the pools as the authors do.
 
   ``P_A ~ U(-1/√d_in, 1/√d_in)`` (PyTorch's ``kaiming_uniform_(a=√5)`` with the
   full vector length as fan-in) and ``P_B = 0``, so ``ΔW = 0`` at step 0.
 
   Args:
-    routing: the adapter's routing; its config gives seed and ``pool_dtype``.
+    spec: the adapter's spec; its config gives seed and ``pool_dtype``.
 
   Returns:
     ``{group name: {"A": P_A, "B": P_B}}``.
 
   Example:
-    >>> pools = init_pools(routing)  # doctest: +SKIP
+    >>> pools = init_pools(spec)  # doctest: +SKIP
   """
-  config = routing.config
+  config = spec.config
   dtype = jnp.dtype(config.pool_dtype)
-  shapes = pool_shapes(config, routing.groups)
+  shapes = pool_shapes(config, spec.groups)
   root = jax.random.key(config.seed)
   pools = {}
-  for g in routing.groups:
+  for g in spec.groups:
     key = jax.random.fold_in(root, zlib.crc32(g.name.encode()) & 0x7FFFFFFF)
     bound = 1.0 / (g.d_in ** 0.5)
     pools[g.name] = {
@@ -52,16 +52,16 @@ def init_pools(routing: Routing) -> Pools:
   return pools
 
 
-def check_pools(pools: Any, routing: Routing) -> None:
-  """Raises ``ValueError`` unless ``pools`` has exactly the routing's structure."""
+def check_pools(pools: Any, spec: AdapterSpec) -> None:
+  """Raises ``ValueError`` unless ``pools`` has exactly the structure ``spec`` gives."""
   if not isinstance(pools, dict):
     raise ValueError(f"Expected pools as a dict {{group: {{'A', 'B'}}}}, got {type(pools).__name__}. "
                      "Pass the adapter's pools, not the model params or the factors.")
-  expected = pool_shapes(routing.config, routing.groups)
+  expected = pool_shapes(spec.config, spec.groups)
   if set(pools) != set(expected):
     missing, extra = sorted(set(expected) - set(pools)), sorted(set(pools) - set(expected))
-    raise ValueError(f"Pools do not match this routing: missing groups {missing}, unexpected "
-                     f"{extra}. Pass the pools created with this routing (same params, config).")
+    raise ValueError(f"Pools do not match this adapter spec: missing groups {missing}, unexpected "
+                     f"{extra}. Pass the pools created with this spec (same params, config).")
   for name, shapes in expected.items():
     entry = pools[name]
     if not isinstance(entry, dict) or set(entry) != {"A", "B"}:

@@ -1,4 +1,4 @@
-"""Static routing: which pool shards each layer's ``A`` and ``B`` are built from."""
+"""The static half of an adapter (:class:`AdapterSpec`) and its routing: which pool shards build each layer's ``A``, ``B``."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Mapping
 
 import numpy as np
 
-from mos_jax.core._config import MoSConfig
-from mos_jax.core._files import sha256_arrays
-from mos_jax.core._targets import Group
+from mos_jax._src.core.config import MoSConfig
+from mos_jax._src.core.hashing import sha256_arrays
+from mos_jax._src.core.targets import Group
 
 #: Bumped whenever the draw below changes, so a checkpoint can tell whether
 #: regenerating from the seed reproduces its routing bit-for-bit.
@@ -19,13 +19,13 @@ ROUTING_VERSION = "mos-routing-v1"
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
-class Routing:
-  """The static part of an adapter: config, groups and index arrays.
+class AdapterSpec:
+  """The static half of an :class:`~mos_jax.Adapter`: config, groups, routing index arrays and routing version.
 
-  Never traced: index arrays are NumPy and enter jitted code as constants.
+  Everything about an adapter except its trainable pools. Never traced: index arrays are NumPy and enter jitted code as constants.
   Equal (and hashing equal) when config, groups, version and index arrays are,
   so it is the static part of :class:`mos_jax.Adapter`'s pytree: a jitted
-  function is not recompiled for a new adapter value with the same routing.
+  function is not recompiled for a new adapter value with the same spec.
 
   Attributes:
     config: the adapter config.
@@ -48,14 +48,14 @@ class Routing:
                          for index in (self.index_a[g.name], self.index_b[g.name]))
 
   def __repr__(self) -> str:
-    return (f"Routing({self.config!r}, groups={[g.name for g in self.groups]}, version={self.version!r}, "
+    return (f"AdapterSpec({self.config!r}, groups={[g.name for g in self.groups]}, version={self.version!r}, "
             f"sha256={self.digest[:12]}...)")
 
   def _key(self) -> tuple:
     return (self.config, self.groups, self.version, self.digest)
 
   def __eq__(self, other: object) -> bool:
-    return self is other or (isinstance(other, Routing) and self._key() == other._key())
+    return self is other or (isinstance(other, AdapterSpec) and self._key() == other._key())
 
   def __hash__(self) -> int:
     return hash(self._key())
@@ -80,26 +80,26 @@ def check_group(config: MoSConfig, group: Group) -> None:
         f"{r_p + (r_e - r_p) * n}, raise equivalent_rank, or lower private_rank.")
 
 
-def check_indices(routing: Routing) -> None:
+def check_indices(spec: AdapterSpec) -> None:
   """Raises ``ValueError`` unless every index array is ``(L, r·l)`` integers within its pool.
 
   Drawn routings satisfy this by construction; routings read from files are
   checked, so an edited file fails here and not as a clipped gather.
   """
-  c = routing.config
+  c = spec.config
   r, l = c.rank, c.effective_shards_per_vector
-  for g in routing.groups:
+  for g in spec.groups:
     shards = c.equivalent_rank * g.num_layers * l
-    for name, table in (("index_a", routing.index_a), ("index_b", routing.index_b)):
+    for name, table in (("index_a", spec.index_a), ("index_b", spec.index_b)):
       idx = table.get(g.name) if isinstance(table, Mapping) else None
       if idx is None:
-        raise ValueError(f"Routing has no {name} for group {g.name!r}.")
+        raise ValueError(f"AdapterSpec has no {name} for group {g.name!r}.")
       idx = np.asarray(idx)
       if idx.shape != (g.num_layers, r * l) or not np.issubdtype(idx.dtype, np.integer):
-        raise ValueError(f"Routing {name}[{g.name!r}] is {idx.dtype}{idx.shape}, expected integers of shape "
+        raise ValueError(f"AdapterSpec {name}[{g.name!r}] is {idx.dtype}{idx.shape}, expected integers of shape "
                          f"(L, r·l) = ({g.num_layers}, {r * l}).")
       if idx.size and (idx.min() < 0 or idx.max() >= shards):
-        raise ValueError(f"Routing {name}[{g.name!r}] holds shard ids in [{idx.min()}, {idx.max()}], outside "
+        raise ValueError(f"AdapterSpec {name}[{g.name!r}] holds shard ids in [{idx.min()}, {idx.max()}], outside "
                          f"the pool's [0, {shards}).")
 
 
@@ -138,18 +138,18 @@ def group_indices(config: MoSConfig, group: Group) -> tuple[np.ndarray, np.ndarr
   return as_array(index_a), as_array(index_b)
 
 
-def make_routing(config: MoSConfig, groups: tuple[Group, ...]) -> Routing:
-  """Draws the routing of every group from ``config.seed``.
+def make_spec(config: MoSConfig, groups: tuple[Group, ...]) -> AdapterSpec:
+  """Draws the routing of every group from ``config.seed``: an adapter's static spec.
 
   Args:
     config: the adapter config.
     groups: the groups found by :func:`find_groups`.
 
   Returns:
-    A :class:`Routing` with read-only index arrays.
+    A :class:`AdapterSpec` with read-only index arrays.
 
   Example:
-    >>> routing = make_routing(cfg, find_groups(params, cfg))  # doctest: +SKIP
+    >>> spec = make_spec(cfg, find_groups(params, cfg))  # doctest: +SKIP
   """
   index_a, index_b = {}, {}
   for g in groups:
@@ -157,4 +157,4 @@ def make_routing(config: MoSConfig, groups: tuple[Group, ...]) -> Routing:
     a.setflags(write=False)
     b.setflags(write=False)
     index_a[g.name], index_b[g.name] = a, b
-  return Routing(config=config, groups=tuple(groups), index_a=index_a, index_b=index_b)
+  return AdapterSpec(config=config, groups=tuple(groups), index_a=index_a, index_b=index_b)

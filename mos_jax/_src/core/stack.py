@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mos_jax.core._adapter import Adapter
-from mos_jax.core._identity import differences, groups_identity
-from mos_jax.core._pools import check_pools, pool_shapes
-from mos_jax.core._targets import Group
+from mos_jax._src.core.adapter import Adapter
+from mos_jax._src.core.identity import differences, groups_identity
+from mos_jax._src.core.pools import check_pools, pool_shapes
+from mos_jax._src.core.targets import Group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +82,7 @@ def stack_adapters(adapters: Sequence[Adapter]) -> AdapterStack:
     raise ValueError("stack_adapters needs at least one adapter.")
   ref = _signature(adapters[0])
   for k, adapter in enumerate(adapters):
-    check_pools(adapter.pools, adapter.routing)
+    check_pools(adapter.pools, adapter.spec)
     bad = differences(ref, _signature(adapter), names=("adapter 0", f"adapter {k}"))
     if bad:
       raise ValueError(f"Adapter {k} cannot share a stack with adapter 0:\n  - " + "\n  - ".join(bad[:10])
@@ -91,8 +91,8 @@ def stack_adapters(adapters: Sequence[Adapter]) -> AdapterStack:
   names = [g.name for g in adapters[0].groups]
   return AdapterStack(
       pools={n: {f: jnp.stack([a.pools[n][f] for a in adapters]) for f in ("A", "B")} for n in names},
-      index_a={n: jnp.asarray(np.stack([a.routing.index_a[n] for a in adapters])) for n in names},
-      index_b={n: jnp.asarray(np.stack([a.routing.index_b[n] for a in adapters])) for n in names},
+      index_a={n: jnp.asarray(np.stack([a.spec.index_a[n] for a in adapters])) for n in names},
+      index_b={n: jnp.asarray(np.stack([a.spec.index_b[n] for a in adapters])) for n in names},
       scale=jnp.asarray([a.config.scale for a in adapters], jnp.float32),
       groups=adapters[0].groups,
       rank=adapters[0].config.rank,

@@ -16,8 +16,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from mos_jax.core._config import MoSConfig
-from mos_jax.core._errors import CorruptError, MismatchError
+from mos_jax._src.core.config import MoSConfig
+from mos_jax._src.errors import MismatchError
 
 KERNEL = "kernel"
 

@@ -14,9 +14,15 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from mos_jax.core import (Adapter, CorruptError, MoSConfig, Routing, as_json, atomic_file, canonical_json, check_indices,
-                          check_pools, check_params, count_params, groups_from_identity, groups_identity,
-                          sha256_arrays)
+from mos_jax._src.core.adapter import Adapter, count_params
+from mos_jax._src.core.config import MoSConfig
+from mos_jax._src.core.hashing import canonical_json, sha256_arrays
+from mos_jax._src.core.identity import as_json, groups_from_identity, groups_identity
+from mos_jax._src.core.pools import check_pools
+from mos_jax._src.core.routing import AdapterSpec, check_indices
+from mos_jax._src.core.targets import check_params
+from mos_jax._src.errors import CorruptError
+from mos_jax._src.io.files import atomic_file
 
 #: ``format`` entry of a native adapter file's header.
 NATIVE_FORMAT = "mos_jax.adapter/3"
@@ -56,16 +62,16 @@ def save_adapter(path: str | Path, adapter: Adapter) -> Path:
   Example:
     >>> save_adapter("run/adapter.mos.safetensors", adapter)  # doctest: +SKIP
   """
-  routing = adapter.routing
-  check_pools(adapter.pools, routing)
+  spec = adapter.spec
+  check_pools(adapter.pools, spec)
   tensors = {}
-  for g in routing.groups:
+  for g in spec.groups:
     for factor in ("A", "B"):
       tensors[f"pools/{g.name}/{factor}"] = np.asarray(adapter.pools[g.name][factor])
-    tensors[f"routing/{g.name}/index_a"] = np.asarray(routing.index_a[g.name])
-    tensors[f"routing/{g.name}/index_b"] = np.asarray(routing.index_b[g.name])
-  header = {"format": NATIVE_FORMAT, "mos_config": dataclasses.asdict(routing.config),
-            "routing_version": routing.version, "groups": groups_identity(routing.groups),
+    tensors[f"routing/{g.name}/index_a"] = np.asarray(spec.index_a[g.name])
+    tensors[f"routing/{g.name}/index_b"] = np.asarray(spec.index_b[g.name])
+  header = {"format": NATIVE_FORMAT, "mos_config": dataclasses.asdict(spec.config),
+            "routing_version": spec.version, "groups": groups_identity(spec.groups),
             "base_params": int(adapter.base_params)}
   header = as_json(header)  # tuples as lists, exactly as they read back
   header["sha256"] = _digest(header, tensors)
@@ -143,15 +149,15 @@ def load_adapter(path: str | Path, *, params: Any = None) -> Adapter:
     for table in (index_a, index_b):
       for index in table.values():
         index.setflags(write=False)
-    routing = Routing(config=config, groups=groups, index_a=index_a, index_b=index_b,
+    spec = AdapterSpec(config=config, groups=groups, index_a=index_a, index_b=index_b,
                       version=header["routing_version"])
-    check_indices(routing)
+    check_indices(spec)
     pools = {g.name: {f: jnp.asarray(tensors[f"pools/{g.name}/{f}"]) for f in ("A", "B")} for g in groups}
-    check_pools(pools, routing)
+    check_pools(pools, spec)
   except (KeyError, TypeError, ValueError) as e:
     # The checksum held, so the file was written like this: by another tool or edited by hand.
     raise CorruptError(f"{path}: the adapter's contents do not fit together ({e}).") from e
   if params is not None:
     check_params(params, config, groups, what=f"Adapter {path}")
   base = count_params(params) if params is not None else int(header.get("base_params", 0))
-  return Adapter(pools=pools, routing=routing, base_params=base)
+  return Adapter(pools=pools, spec=spec, base_params=base)

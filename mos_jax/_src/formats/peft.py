@@ -12,7 +12,10 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from mos_jax.core import Adapter, CorruptError, atomic_dir, layer_factors, recover, verify_manifest, write_manifest
+from mos_jax._src.core.adapter import Adapter
+from mos_jax._src.core.assemble import layer_factors
+from mos_jax._src.errors import CorruptError
+from mos_jax._src.io.files import atomic_dir, recover, verify_manifest, write_manifest
 
 #: PEFT's key prefix: ``PeftModel.base_model`` (a ``LoraModel``) wraps the model as ``.model``.
 PEFT_PREFIX = "base_model.model."

@@ -1,4 +1,4 @@
-"""File helpers shared by identity, checkpoints, formats and the experiments: atomic writes, digests."""
+"""File I/O: atomic writes that never leave a half file, recovery from killed writers, folder manifests."""
 
 from __future__ import annotations
 
@@ -12,11 +12,9 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
-import numpy as np
-
-from mos_jax.core._errors import CorruptError
+from mos_jax._src.errors import CorruptError
 
 
 #: The file an export folder's checksums live in (``write_manifest``/``verify_manifest``).
@@ -220,18 +218,3 @@ def verify_manifest(folder: Path) -> bool:
     raise CorruptError(f"{folder} differs from what was written: " + "; ".join(problems) +
                        ". Export it again.")
   return True
-
-
-def canonical_json(value: Any) -> str:
-  """JSON with sorted keys and no spaces: the same text for equal values, in any process."""
-  return json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
-def sha256_arrays(named: Iterable[tuple[str, Any]]) -> str:
-  """SHA-256 over each ``(name, array)``'s name, dtype, shape and bytes, in the given order."""
-  h = hashlib.sha256()
-  for name, value in named:
-    arr = np.ascontiguousarray(np.asarray(value))
-    h.update(f"{name}|{arr.dtype}|{arr.shape}|".encode())
-    h.update(arr.tobytes())
-  return h.hexdigest()

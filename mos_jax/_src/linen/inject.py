@@ -10,8 +10,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mos_jax.core import KERNEL, Adapter, AdapterStack, Factors, KernelLayout, assemble, low_rank_term, require_adapter
-from mos_jax.linen._intercept import AdaptedCalls, flat_io, intercept_kernel_calls, module_input, module_layout
+from mos_jax._src.core.adapter import Adapter, require_adapter
+from mos_jax._src.core.assemble import Factors, assemble, low_rank_term
+from mos_jax._src.core.stack import AdapterStack
+from mos_jax._src.core.targets import KERNEL, KernelLayout
+from mos_jax._src.linen.intercept import AdaptedCalls, flat_io, intercept_kernel_calls, module_input, module_layout
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
@@ -33,7 +36,7 @@ def inject(adapter: Adapter, *, factors: Factors | None = None,
   and the term back to the layer's.
 
   Layers of a stacked group (run by ``nn.scan``) take their factors from the
-  params: call the model with :func:`attach` ``(params, adapter)``.
+  params: call the model with :func:`with_factors` ``(params, adapter)``.
 
   On leaving the block, every adapted module must have been called: a module
   the model never ran through the interceptor (a custom layer, a cached trace)
@@ -45,7 +48,7 @@ def inject(adapter: Adapter, *, factors: Factors | None = None,
       apply instead of assembling them here: one assembly reused across many
       calls, or factors trained directly (the gather-free baseline of the
       benchmarks). Their shapes are checked against the adapter's per-layer
-      groups; stacked groups always take theirs from :func:`attach`.
+      groups; stacked groups always take theirs from :func:`with_factors`.
     dropout_rng: key for the adapter-input dropout; ``None`` disables dropout
       (evaluation). Each layer folds in its own index.
 
@@ -89,11 +92,11 @@ def inject(adapter: Adapter, *, factors: Factors | None = None,
   calls.check_all_hit()
 
 
-#: Names of the leaves :func:`attach` puts next to a stacked kernel: the layers' ``A``, ``B`` and index.
+#: Names of the leaves :func:`with_factors` puts next to a stacked kernel: the layers' ``A``, ``B`` and index.
 MOS_A, MOS_B, MOS_LAYER = "mos_a", "mos_b", "mos_layer"
 
 
-def attach(params: Any, adapter: Adapter | AdapterStack) -> Any:
+def with_factors(params: Any, adapter: Adapter | AdapterStack) -> Any:
   """Params with each stacked group's factors beside its kernel, for models that ``nn.scan`` their layers.
 
   A scanned model slices every params leaf along the layer axis, so the factors
@@ -115,10 +118,10 @@ def attach(params: Any, adapter: Adapter | AdapterStack) -> Any:
 
   Example:
     >>> with inject(adapter):  # doctest: +SKIP
-    ...   y = model.apply({"params": attach(params, adapter)}, x)
+    ...   y = model.apply({"params": with_factors(params, adapter)}, x)
   """
   serving = isinstance(adapter, AdapterStack)
-  groups = adapter.groups if serving else require_adapter(adapter, "attach").groups
+  groups = adapter.groups if serving else require_adapter(adapter, "with_factors").groups
   stacked = [g for g in groups if g.stacked]
   if not stacked:
     return params
@@ -138,10 +141,10 @@ def attach(params: Any, adapter: Adapter | AdapterStack) -> Any:
 
 
 def scanned_layer(module: nn.Module, path: str) -> jax.Array:
-  """Inside ``nn.scan``: the index of the layer running, from the ``mos_layer`` leaf :func:`attach` added."""
+  """Inside ``nn.scan``: the index of the layer running, from the ``mos_layer`` leaf :func:`with_factors` added."""
   if not module.has_variable("params", MOS_LAYER):
     raise ValueError(f"Stacked module {path!r} has no factors in its params: call the scanned model with "
-                     "mos_jax.linen.attach(params, adapter) inside inject (adapted_loss and make_train_step "
+                     "mos_jax.linen.with_factors(params, adapter) inside inject (adapted_loss and make_train_step "
                      "do this).")
   return module.get_variable("params", MOS_LAYER).reshape(())
 
@@ -149,7 +152,7 @@ def scanned_layer(module: nn.Module, path: str) -> jax.Array:
 def _sliced_factors(module: nn.Module, path: str) -> tuple[jax.Array, jax.Array, jax.Array]:
   layer = scanned_layer(module, path)
   if not module.has_variable("params", MOS_A):
-    raise ValueError(f"Stacked module {path!r} has a layer index but no factors: attach(params, ...) was given "
+    raise ValueError(f"Stacked module {path!r} has a layer index but no factors: with_factors(params, ...) was given "
                      "an AdapterStack; pass the Adapter for inject.")
   return module.get_variable("params", MOS_A), module.get_variable("params", MOS_B), layer
 
@@ -210,13 +213,13 @@ def adapted_loss(loss_fn: Callable[[Any, Any], jax.Array]) -> Callable[..., jax.
 
   Returns:
     ``f(adapter, params, batch, dropout_rng=None) -> scalar``: ``loss_fn`` with
-    the adapter injected (and, for stacked groups, :func:`attach`-ed to the
-    params); differentiate it with respect to ``adapter``.
+    the adapter injected (and, for stacked groups, the params passed through
+    :func:`with_factors`); differentiate it with respect to ``adapter``.
 
   Example:
     >>> loss, grads = jax.value_and_grad(adapted_loss(loss_fn))(adapter, params, batch)  # doctest: +SKIP
   """
   def f(adapter: Adapter, params: Any, batch: Any, dropout_rng: jax.Array | None = None) -> jax.Array:
     with inject(adapter, dropout_rng=dropout_rng):
-      return loss_fn(attach(params, adapter), batch)
+      return loss_fn(with_factors(params, adapter), batch)
   return f

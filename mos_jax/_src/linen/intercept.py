@@ -14,7 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mos_jax.core import DENSE, KERNEL, EinsumSpec, Group, KernelLayout, MoSConfig, matches
+from mos_jax._src.core.config import MoSConfig
+from mos_jax._src.core.einsum import EinsumSpec
+from mos_jax._src.core.targets import DENSE, KERNEL, Group, KernelLayout, matches
 
 #: HF ``transformers`` GPT-2-style layer that stores its kernel as ``(out, in)``; matched by
 #: class name so that ``transformers`` stays an optional dependency.
@@ -51,8 +53,8 @@ def intercept_kernel_calls(handle: Handler, *, any_module: bool = False) -> Iter
 
 
 def _einsum(module: nn.Module, args: tuple, kwargs: dict) -> EinsumSpec:
-  # The equation given to the call takes precedence over the module's, as in nn.Einsum.
-  return EinsumSpec.parse(kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str)
+  # args[0] is the input; the core's one rule picks the equation (the call's, else the module's).
+  return EinsumSpec.of_call(module.einsum_str, args[1:], kwargs)
 
 
 def module_layout(module: nn.Module, kernel_shape: tuple[int, ...], args: tuple = (),

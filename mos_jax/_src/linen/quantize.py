@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mos_jax.core import KERNEL, kernel_module, matches, path_str
-from mos_jax.linen._intercept import intercept_kernel_calls, module_input
+from mos_jax._src.core.targets import KERNEL, kernel_module, matches, path_str
+from mos_jax._src.linen.intercept import intercept_kernel_calls, module_input
 
 Scheme = Literal["int8", "nf4"]
 

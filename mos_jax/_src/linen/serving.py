@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mos_jax.core import AdapterStack, check_ids, low_rank_term, row_factors
-from mos_jax.linen._inject import scanned_layer
-from mos_jax.linen._intercept import AdaptedCalls, flat_io, intercept_kernel_calls, module_input
+from mos_jax._src.core.assemble import low_rank_term
+from mos_jax._src.core.stack import AdapterStack, check_ids, row_factors
+from mos_jax._src.linen.inject import scanned_layer
+from mos_jax._src.linen.intercept import AdaptedCalls, flat_io, intercept_kernel_calls, module_input
 
 
 @contextlib.contextmanager
@@ -26,7 +27,7 @@ def inject_multi(stack: AdapterStack, adapter_ids: jax.Array) -> Iterator[None]:
   servers), so one compiled forward serves any mix of adapters. Inference only:
   no dropout. Call (trace) the model inside the ``with``; the first axis of
   every adapted layer's input must be the batch. A model that scans its layers with ``nn.scan``
-  is called with :func:`attach` ``(params, stack)``.
+  is called with :func:`with_factors` ``(params, stack)``.
 
   Invalid ids never get another adapter's output. Concrete ids outside
   ``[-1, K)`` raise ``ValueError`` here; under ``jax.jit`` the ids are traced
@@ -64,7 +65,7 @@ def inject_multi(stack: AdapterStack, adapter_ids: jax.Array) -> Iterator[None]:
     if found is None:
       return next_fun(*args, **kwargs)
     path, group, layer = found
-    if layer is None:  # a stacked group inside nn.scan: the layer comes from the attached params
+    if layer is None:  # a stacked group inside nn.scan: the layer comes from the params with_factors gave
       layer = scanned_layer(module, path)
     a, b = row_factors(stack, group, layer, ids)
     x, unflatten = flat_io(module, group, module_input(args, kwargs).astype(a.dtype), args, kwargs)

@@ -7,8 +7,8 @@ from typing import Any, Callable
 import jax
 import optax
 
-from mos_jax.linen._inject import adapted_loss
-from mos_jax.train import make_step
+from mos_jax._src.linen.inject import adapted_loss
+from mos_jax._src.train.step import make_step
 
 
 def make_train_step(loss_fn: Callable[[Any, Any], jax.Array], optimizer: optax.GradientTransformation,

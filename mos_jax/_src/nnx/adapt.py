@@ -8,10 +8,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mos_jax.core import (Adapter, MismatchError, MoSConfig, adapt as core_adapt, check_params, check_pools,
-                          kernel_delta, require_adapter)
-from mos_jax.nnx._discover import kernel_modules, kernel_tree
-from mos_jax.nnx._layers import GroupPools, MoSLayer, MoSModel, MoSStackedLayer
+from mos_jax._src.core.adapter import Adapter, adapt as core_adapt, require_adapter
+from mos_jax._src.core.assemble import kernel_delta
+from mos_jax._src.core.config import MoSConfig
+from mos_jax._src.core.pools import check_pools
+from mos_jax._src.core.targets import check_params
+from mos_jax._src.errors import MismatchError
+from mos_jax._src.nnx.discover import kernel_modules, kernel_tree
+from mos_jax._src.nnx.layers import GroupPools, MoSLayer, MoSModel, MoSStackedLayer
 
 
 def _set_child(parent: Any, key: Any, value: Any) -> None:
@@ -42,7 +46,7 @@ def adapt(model: nnx.Module, config: MoSConfig | Adapter, *, rngs: nnx.Rngs | No
   per module type shared by reference, so ``nnx.state(model, nnx.LoRAParam)``
   holds exactly the trainable parameters and NNX training code
   (``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``, Tunix ``PeftTrainer``)
-  trains them; the base weights stay ``nnx.Param``. The routing is static.
+  trains them; the base weights stay ``nnx.Param``. The adapter's spec is static.
 
   Stacked layers (created with ``nnx.vmap``, run with ``nnx.scan``; declared by
   ``config.stacked_modules``) become :class:`MoSStackedLayer`, and the result is
@@ -53,7 +57,7 @@ def adapt(model: nnx.Module, config: MoSConfig | Adapter, *, rngs: nnx.Rngs | No
     model: any NNX model.
     config: a :class:`~mos_jax.MoSConfig` (fresh pools, as :func:`mos_jax.adapt`
       draws them), or an :class:`~mos_jax.Adapter` (e.g. from
-      :func:`mos_jax.load_adapter`), whose routing and a copy of whose pools are
+      :func:`mos_jax.load_adapter`), whose spec and a copy of whose pools are
       used after checking that it was made for this model (paths, shapes, layouts).
     rngs: stream ``dropout`` for the adapter's input dropout (when ``config.dropout > 0``).
 
@@ -92,11 +96,11 @@ def adapt(model: nnx.Module, config: MoSConfig | Adapter, *, rngs: nnx.Rngs | No
       m = found[path]
       if g.stacked:
         # The pools stay outside the scanned block (on the root), which nnx.scan would slice.
-        wrapped = MoSStackedLayer(m.module, routing=adapter.routing, group=g, kernel_name=m.kernel_name, rngs=rngs)
+        wrapped = MoSStackedLayer(m.module, spec=adapter.spec, group=g, kernel_name=m.kernel_name, rngs=rngs)
         root_pools[g.name] = pools
         stacked_layers.append(wrapped)
       else:
-        wrapped = MoSLayer(m.module, pools, routing=adapter.routing, group=g, layer=i,
+        wrapped = MoSLayer(m.module, pools, spec=adapter.spec, group=g, layer=i,
                            kernel_name=m.kernel_name, rngs=rngs)
       _set_child(_get(adapted, m.keys[:-1]), m.keys[-1], wrapped)
   if not stacked_layers:
@@ -140,22 +144,22 @@ def adapter_of(model: nnx.Module) -> Adapter:
   layers = [m for _, m in mos_layers(model)]
   if not layers:
     raise ValueError("This model has no MoS layers: create it with mos_jax.nnx.adapt(model, config).")
-  routing = layers[0].routing
+  spec = layers[0].spec
   # Copies: a training step that donates the adapter must not delete the model's own pools.
   pools = {name: {"A": jnp.array(p.a[...]), "B": jnp.array(p.b[...])} for name, p in _all_pools(model).items()}
-  return Adapter(pools=pools, routing=routing, base_params=_base_count(model)).replace()
+  return Adapter(pools=pools, spec=spec, base_params=_base_count(model)).replace()
 
 
 def load_pools(model: nnx.Module, adapter: Adapter) -> None:
   """Writes an adapter's pools into an adapted model, in place (e.g. after ``load_adapter``).
 
   Raises:
-    MismatchError: the adapter's routing (config, groups, index arrays) is not the model's.
+    MismatchError: the adapter's spec (config, groups, index arrays) is not the model's.
   """
-  check_pools(require_adapter(adapter, "load_pools").pools, adapter.routing)
+  check_pools(require_adapter(adapter, "load_pools").pools, adapter.spec)
   layers = [m for _, m in mos_layers(model)]
-  if not layers or layers[0].routing != adapter.routing:
-    raise MismatchError("The adapter's routing (config, groups or index arrays) is not this model's: "
+  if not layers or layers[0].spec != adapter.spec:
+    raise MismatchError("The adapter's spec (config, groups or index arrays) is not this model's: "
                         "create the model with mos_jax.nnx.adapt(model, adapter) instead.")
   for name, p in _all_pools(model).items():
     p.a[...] = jnp.array(adapter.pools[name]["A"])  # copies, as in adapt
@@ -182,7 +186,7 @@ def merge(model: nnx.Module) -> nnx.Module:
     a, b = layer.factors()
     kernel = getattr(layer.base, layer.kernel_name)
     w = kernel[...]
-    kernel[...] = (w.astype(jnp.float32) + kernel_delta(layer.group, a, b, layer.routing.config.scale)).astype(w.dtype)
+    kernel[...] = (w.astype(jnp.float32) + kernel_delta(layer.group, a, b, layer.spec.config.scale)).astype(w.dtype)
     _set_child(_get(root, keys[:-1]), keys[-1], layer.base)
   return root
 

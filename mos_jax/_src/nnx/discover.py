@@ -8,7 +8,8 @@ from typing import Any
 import jax
 from flax import nnx
 
-from mos_jax.core import DENSE, KERNEL, EinsumSpec, KernelLayout
+from mos_jax._src.core.einsum import EinsumSpec
+from mos_jax._src.core.targets import DENSE, KERNEL, KernelLayout
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mos_jax.core import EinsumSpec, Group, Routing, gather_factors, low_rank_term
+from mos_jax._src.core.assemble import gather_factors, low_rank_term
+from mos_jax._src.core.einsum import EinsumSpec
+from mos_jax._src.core.routing import AdapterSpec
+from mos_jax._src.core.targets import Group
 
 
 class GroupPools(nnx.Module):
@@ -40,22 +43,22 @@ class MoSLayer(nnx.Module):
   Attributes:
     base: the wrapped layer, unchanged (its kernel stays a frozen ``nnx.Param``).
     pools: the group's shared pools.
-    routing: the adapter's static routing (config, groups, index arrays).
+    spec: the adapter's static :class:`~mos_jax.core.AdapterSpec` (config, groups, index arrays).
     group: this layer's module type.
     layer: this layer's index in the group.
     kernel_name: the attribute of ``base`` holding the kernel (``kernel``, ``w``).
     dropout: adapter-input dropout, or ``None``.
   """
 
-  def __init__(self, base: nnx.Module, pools: GroupPools, *, routing: Routing, group: Group, layer: int,
+  def __init__(self, base: nnx.Module, pools: GroupPools, *, spec: AdapterSpec, group: Group, layer: int,
                kernel_name: str, rngs: nnx.Rngs | None = None):
     self.base = base
     self.pools = pools
-    self.routing = routing
+    self.spec = spec
     self.group = group
     self.layer = layer
     self.kernel_name = kernel_name
-    rate = routing.config.dropout
+    rate = spec.config.dropout
     if rate > 0 and rngs is None:
       raise ValueError(f"MoSConfig.dropout={rate} needs rngs (e.g. nnx.Rngs(dropout=0)) to draw its masks.")
     self.dropout = nnx.Dropout(rate, rngs=rngs) if rate > 0 else None
@@ -71,14 +74,12 @@ class MoSLayer(nnx.Module):
   def factors(self) -> tuple[jax.Array, jax.Array]:
     """This layer's ``A: (r, d_in)``, ``B: (d_out, r)``."""
     name = self.group.name
-    return gather_factors(self.pools.a[...], self.pools.b[...], self.routing.index_a[name][self.layer],
-                          self.routing.index_b[name][self.layer], self.group, self.routing.config.rank)
+    return gather_factors(self.pools.a[...], self.pools.b[...], self.spec.index_a[name][self.layer],
+                          self.spec.index_b[name][self.layer], self.group, self.spec.config.rank)
 
   def _spec(self, args: tuple, kwargs: dict) -> EinsumSpec | None:
-    # The equation given to the call takes precedence, as in nnx.Einsum.
-    eq = kwargs.get("einsum_str") or (args[0] if args and isinstance(args[0], str) else None)
-    eq = eq or getattr(self.base, "einsum_str", None)
-    return EinsumSpec.parse(eq) if isinstance(eq, str) else None
+    # args exclude the input; the core's one rule picks the equation (the call's, else the module's).
+    return EinsumSpec.of_call(getattr(self.base, "einsum_str", None), args, kwargs)
 
   def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
     return _call_with_term(self, x, args, kwargs, *self.factors())
@@ -93,7 +94,7 @@ def _call_with_term(layer: Any, x: jax.Array, args: tuple, kwargs: dict, a: jax.
     flat, unflatten = spec.flat_io(flat, layer.group)
   if layer.dropout is not None:
     flat = layer.dropout(flat)
-  return y + unflatten(low_rank_term(flat, a, b, layer.routing.config.scale)).astype(y.dtype)
+  return y + unflatten(low_rank_term(flat, a, b, layer.spec.config.scale)).astype(y.dtype)
 
 
 class MoSStackedLayer(MoSLayer):
@@ -108,14 +109,14 @@ class MoSStackedLayer(MoSLayer):
   at the start of every call, so gradients reach the pools.
   """
 
-  def __init__(self, base: nnx.Module, *, routing: Routing, group: Group, kernel_name: str,
+  def __init__(self, base: nnx.Module, *, spec: AdapterSpec, group: Group, kernel_name: str,
                rngs: nnx.Rngs | None = None):
-    if routing.config.dropout > 0:
+    if spec.config.dropout > 0:
       # The dropout's RNG state would sit in the scanned block and be sliced like its weights.
       raise NotImplementedError(f"Group {group.name!r} is stacked: MoS input dropout is not supported on "
                                 "scanned NNX layers yet; use dropout=0.")
-    super().__init__(base, None, routing=routing, group=group, layer=-1, kernel_name=kernel_name, rngs=rngs)
-    r, axis, dtype = routing.config.rank, group.layer_axis, jnp.dtype(routing.config.pool_dtype)
+    super().__init__(base, None, spec=spec, group=group, layer=-1, kernel_name=kernel_name, rngs=rngs)
+    r, axis, dtype = spec.config.rank, group.layer_axis, jnp.dtype(spec.config.pool_dtype)
     self.a = MoSFactor(jnp.moveaxis(jnp.zeros((group.num_layers, r, group.d_in), dtype), 0, axis))
     self.b = MoSFactor(jnp.moveaxis(jnp.zeros((group.num_layers, group.d_out, r), dtype), 0, axis))
 
@@ -164,10 +165,10 @@ class MoSModel(nnx.Module):
     """Re-assembles every stacked layer's factors from the pools (one gather per pool)."""
     pools = dict(zip(self.names, self.pools))
     for layer in self.stacked:
-      g, routing = layer.group, layer.routing
+      g, spec = layer.group, layer.spec
       p = pools[g.name]
-      layer.set_factors(*gather_factors(p.a[...], p.b[...], routing.index_a[g.name], routing.index_b[g.name],
-                                        g, routing.config.rank))
+      layer.set_factors(*gather_factors(p.a[...], p.b[...], spec.index_a[g.name], spec.index_b[g.name],
+                                        g, spec.config.rank))
 
   def __call__(self, *args: Any, **kwargs: Any) -> Any:
     self.refresh()

@@ -1,6 +1,9 @@
-"""PyTorch (HF ``transformers``) module names of Tunix models' layers, for PEFT export."""
+"""Names of Tunix models' layers: the ones MoS targets, and their PyTorch (HF ``transformers``) names for PEFT export."""
 
 from __future__ import annotations
+
+#: The attention and MLP projections of a Tunix Gemma 3 decoder block.
+GEMMA3_TARGETS: tuple[str, ...] = ("q_einsum", "kv_einsum", "attn_vec_einsum", "gate_proj", "up_proj", "down_proj")
 
 _LAYER = r"layers/(\d+)"
 _HF = r"model.layers.\1"

@@ -11,7 +11,9 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from mos_jax.core import KERNEL, Adapter, MoSConfig, kernel_module, matches, path_str
+from mos_jax._src.core.adapter import Adapter
+from mos_jax._src.core.config import MoSConfig
+from mos_jax._src.core.targets import KERNEL, kernel_module, matches, path_str
 
 AXES = ("data", "fsdp", "tensor")
 #: Batch rows are split over both data-parallel axes.

@@ -19,8 +19,10 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from etils import epath
 
-from mos_jax.core import (CorruptError, MismatchError, as_json, canonical_json, differences, path_str, sha256_arrays,
-                          tree_layout)
+from mos_jax._src.core.hashing import canonical_json, sha256_arrays
+from mos_jax._src.core.identity import as_json, differences, tree_layout
+from mos_jax._src.core.targets import path_str
+from mos_jax._src.errors import CorruptError, MismatchError
 
 #: Written into every checkpoint; bumped when the layout below changes. Format 2 adds
 #: ``meta_sha256``, a checksum of the metadata itself.
@@ -37,12 +39,6 @@ _MAX_REPORTED = 20
 log = logging.getLogger(__name__)
 
 
-#: The checkpoint was written for another model, adapter config, routing or state layout.
-CheckpointMismatchError = MismatchError
-#: A checkpoint's files cannot be read back, or read back different from what was saved.
-CheckpointCorruptError = CorruptError
-
-
 class CheckpointLockedError(RuntimeError):
   """Another :class:`TrainCheckpointer` is writing to the same checkpoint directory."""
 
@@ -54,13 +50,13 @@ def _meta_digest(meta: Mapping[str, Any]) -> str:
 
 
 def _checked_meta(step: int, meta: Any) -> dict[str, Any]:
-  """The step's metadata if intact; ``CheckpointCorruptError`` for any damage.
+  """The step's metadata if intact; ``CorruptError`` for any damage.
 
   Damage (a flipped bit, a renamed key, an edited ``data_state``) must lead to
   the previous step, not to "another run" or a silently different value.
   """
   if not isinstance(meta, dict):
-    raise CheckpointCorruptError(f"Step {step}: metadata is {type(meta).__name__}, not a JSON object.")
+    raise CorruptError(f"Step {step}: metadata is {type(meta).__name__}, not a JSON object.")
   if meta.get("format") == _LEGACY_FORMAT:
     warnings.warn(f"Checkpoint step {step} is format 1, whose metadata has no checksum; it is read as is.",
                   stacklevel=4)
@@ -68,15 +64,15 @@ def _checked_meta(step: int, meta: Any) -> dict[str, Any]:
   elif meta.get("format") == FORMAT:
     expected = set(_META_KEYS)
   else:
-    raise CheckpointCorruptError(f"Step {step}: metadata format is {meta.get('format')!r}, expected {FORMAT!r}.")
+    raise CorruptError(f"Step {step}: metadata format is {meta.get('format')!r}, expected {FORMAT!r}.")
   if set(meta) != expected:
-    raise CheckpointCorruptError(f"Step {step}: metadata keys {sorted(set(meta) ^ expected)} are missing or "
+    raise CorruptError(f"Step {step}: metadata keys {sorted(set(meta) ^ expected)} are missing or "
                                  "unexpected: the metadata file is damaged.")
   if "meta_sha256" in meta and _meta_digest(meta) != meta["meta_sha256"]:
-    raise CheckpointCorruptError(f"Step {step}: the metadata differs from what was saved (checksum "
+    raise CorruptError(f"Step {step}: the metadata differs from what was saved (checksum "
                                  "mismatch): the file was altered or damaged.")
   if meta["step"] != step:
-    raise CheckpointCorruptError(f"Step {step}: its metadata says step {meta['step']!r}.")
+    raise CorruptError(f"Step {step}: its metadata says step {meta['step']!r}.")
   return meta
 
 
@@ -298,9 +294,9 @@ class TrainCheckpointer:
 
     Raises:
       FileNotFoundError: no complete checkpoint (or not ``step``) exists.
-      CheckpointMismatchError: the checkpoint belongs to another model, adapter
+      MismatchError: the checkpoint belongs to another model, adapter
         or state layout; the message lists every difference.
-      CheckpointCorruptError: the requested step, or every step, is unreadable.
+      CorruptError: the requested step, or every step, is unreadable.
     """
     self.wait()
     steps = self.all_steps()
@@ -315,7 +311,7 @@ class TrainCheckpointer:
     for s in reversed(steps):
       try:
         restored = self._restore_step(s, like)
-      except CheckpointCorruptError as e:
+      except CorruptError as e:
         log.warning("Checkpoint step %d in %s is unreadable (%s); trying the previous one.", s, self.directory, e)
         failed.append((s, e))
         continue
@@ -324,21 +320,21 @@ class TrainCheckpointer:
         self._quarantine(bad)
       return restored
     detail = "; ".join(str(e) for _, e in failed)
-    raise CheckpointCorruptError(f"No checkpoint in {self.directory} could be restored ({detail}).") \
+    raise CorruptError(f"No checkpoint in {self.directory} could be restored ({detail}).") \
         from failed[0][1]
 
   def _restore_step(self, step: int, like: Any) -> Restored:
     try:
       meta = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
     except Exception as e:  # Orbax and TensorStore raise assorted types for unreadable files.
-      raise CheckpointCorruptError(f"Step {step}: its metadata cannot be read ({_short(e)}).") from e
+      raise CorruptError(f"Step {step}: its metadata cannot be read ({_short(e)}).") from e
     meta = _checked_meta(step, meta)
     diffs = differences(meta["identity"], self._identity) + \
         differences({"state": meta["layout"]}, {"state": tree_layout(like)})
     if diffs:
       shown = "\n  - ".join(diffs[:_MAX_REPORTED])
       more = f"\n  ... and {len(diffs) - _MAX_REPORTED} more" if len(diffs) > _MAX_REPORTED else ""
-      raise CheckpointMismatchError(
+      raise MismatchError(
           f"Checkpoint {self.directory}/{step} does not belong to this run:\n  - {shown}{more}\n"
           "Restore with the same model, MoSConfig (seed included) and training state, or use "
           "another checkpoint directory.")
@@ -346,9 +342,9 @@ class TrainCheckpointer:
       plain = self._manager.restore(step, args=ocp.args.Composite(
           **{_STATE: ocp.args.StandardRestore(_abstract(like))}))[_STATE]
     except Exception as e:  # as above
-      raise CheckpointCorruptError(f"Step {step}: its arrays cannot be read ({_short(e)}).") from e
+      raise CorruptError(f"Step {step}: its arrays cannot be read ({_short(e)}).") from e
     if meta["sha256"] is not None and _digest(plain) != meta["sha256"]:
-      raise CheckpointCorruptError(f"Step {step}: the arrays read back differ from those saved "
+      raise CorruptError(f"Step {step}: the arrays read back differ from those saved "
                                    "(checksum mismatch): the files were altered or damaged.")
     return Restored(step, _rewrap_keys(plain, meta["key_impls"]), meta["data_state"])
 

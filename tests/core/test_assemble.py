@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from helpers import assert_close, layered_params, random_pools
 from mos_jax import MoSConfig, adapt, assemble, merge
-from mos_jax.core import layer_factors, pool_shapes, trainable_count
-from reference import assemble_layer, lora_forward
+from mos_jax.core import layer_factors, trainable_count
+from oracles.helpers import assert_close, layered_params, random_pools
+from oracles.reference import assemble_layer, lora_forward
 
 GQA_SHAPES = {"q_proj": (16, 16), "k_proj": (16, 8), "v_proj": (16, 8), "down_proj": (24, 16)}
 
@@ -40,8 +40,8 @@ def test_assembly_matches_loop_reference(case):
     assert factors[g.name]["A"].shape == (num_layers, cfg.rank, g.d_in)
     assert factors[g.name]["B"].shape == (num_layers, g.d_out, cfg.rank)
     for i in range(num_layers):
-      a_ref, b_ref = assemble_layer(p_a, p_b, adapter.routing.index_a[g.name][i],
-                                    adapter.routing.index_b[g.name][i], cfg.rank, cfg.shards_per_vector)
+      a_ref, b_ref = assemble_layer(p_a, p_b, adapter.spec.index_a[g.name][i],
+                                    adapter.spec.index_b[g.name][i], cfg.rank, cfg.shards_per_vector)
       np.testing.assert_array_equal(np.asarray(factors[g.name]["A"][i]), a_ref)
       np.testing.assert_array_equal(np.asarray(factors[g.name]["B"][i]), b_ref)
   # r_e · Σ_types L·(d_in + d_out), whatever r, r_p, l.
@@ -118,10 +118,10 @@ def test_initialisation_follows_the_authors():
 def test_gradient_is_scatter_add_into_pools():
   adapter = adapt(layered_params(3, GQA_SHAPES), MoSConfig(rank=2, equivalent_rank=1, shards_per_vector=2,
                                                            target_modules=["q_proj"]))
-  routing = adapter.routing
+  routing = adapter.spec
   grads = jax.grad(lambda a: assemble(a)["layers/*/q_proj"]["A"].sum())(adapter)
   # The gradient wrt an adapter is an adapter: its leaves are the pools' gradients.
-  assert type(grads) is type(adapter) and grads.routing == routing
+  assert type(grads) is type(adapter) and grads.spec == routing
   counts = np.bincount(routing.index_a["layers/*/q_proj"].ravel(), minlength=6)
   np.testing.assert_array_equal(np.asarray(grads.pools["layers/*/q_proj"]["A"]), np.repeat(counts[:, None], 8, 1))
   assert not jnp.any(grads.pools["layers/*/q_proj"]["B"])
@@ -145,10 +145,14 @@ def test_wrong_pytree_passed_to_assemble(mutate, message):
     assemble(dataclasses.replace(adapter, pools=mutate(adapter.pools)))
 
 
+def pool_shapes(adapter):
+  return {name: {f: tuple(p.shape) for f, p in pair.items()} for name, pair in adapter.pools.items()}
+
+
 def test_pool_shapes():
   adapter = adapt(layered_params(3, GQA_SHAPES), MoSConfig(rank=4, equivalent_rank=2, private_rank=1,
                                                            shards_per_vector=4, target_modules=["k_proj"]))
-  assert pool_shapes(adapter.config, adapter.groups) == {"layers/*/k_proj": {"A": (24, 4), "B": (24, 2)}}
+  assert pool_shapes(adapter) == {"layers/*/k_proj": {"A": (24, 4), "B": (24, 2)}}
 
 
 def test_declared_stacked_group_assembles_and_merges_like_per_layer_kernels():
@@ -162,13 +166,13 @@ def test_declared_stacked_group_assembles_and_merges_like_per_layer_kernels():
   (g,) = stacked.groups
   assert g.stacked and g.paths == ("layers/q_proj",) and g.num_layers == 3
   # The same pool shapes as the per-layer group of three (16, 16) kernels.
-  assert pool_shapes(stacked.config, stacked.groups)[g.name] == pool_shapes(cfg, per_layer.groups)["layers/*/q_proj"]
+  assert pool_shapes(stacked)[g.name] == pool_shapes(per_layer)["layers/*/q_proj"]
   stacked = stacked.replace(pools=random_pools(stacked.pools))
   p_a, p_b = (np.asarray(stacked.pools[g.name][f]) for f in ("A", "B"))
   a, b = layer_factors(stacked)["layers/q_proj"]
   assert a.shape == (3, 4, 16) and b.shape == (3, 16, 4)
   for i in range(3):
-    a_ref, b_ref = assemble_layer(p_a, p_b, stacked.routing.index_a[g.name][i], stacked.routing.index_b[g.name][i],
+    a_ref, b_ref = assemble_layer(p_a, p_b, stacked.spec.index_a[g.name][i], stacked.spec.index_b[g.name][i],
                                   cfg.rank, cfg.shards_per_vector)
     np.testing.assert_array_equal(np.asarray(a[i]), a_ref)
     np.testing.assert_array_equal(np.asarray(b[i]), b_ref)
@@ -179,7 +183,7 @@ def test_declared_stacked_group_assembles_and_merges_like_per_layer_kernels():
   # Layer axis 1 (MaxText's (d_in, L, d_out)): the same pools merge into column i of the stack.
   moved = {"layers": {"q_proj": {"kernel": jnp.moveaxis(stacked_params["layers"]["q_proj"]["kernel"], 0, 1)}}}
   axis1 = adapt(moved, dataclasses.replace(stacked.config, layer_axis=1)).replace(pools=stacked.pools)
-  np.testing.assert_array_equal(axis1.routing.index_a[g.name], stacked.routing.index_a[g.name])
+  np.testing.assert_array_equal(axis1.spec.index_a[g.name], stacked.spec.index_a[g.name])
   merged1 = np.asarray(merge(moved, axis1)["layers"]["q_proj"]["kernel"])
   assert merged1.shape == (16, 3, 16)
   assert_close(np.moveaxis(merged1, 1, 0), merged, rtol=1e-5)

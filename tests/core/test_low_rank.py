@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 import mos_jax
-from helpers import random_pools
+from oracles.helpers import random_pools
 
 D_IN, D_OUT, R = 16, 24, 3
 

@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import pytest
@@ -11,10 +10,10 @@ from transformers import FlaxGPT2LMHeadModel, FlaxLlamaForCausalLM, GPT2Config, 
 
 from experiments import memory_estimate
 from mos_jax import MoSConfig, adapt
-from mos_jax.core import dtype_bits, estimate_memory
+from mos_jax.core import estimate_memory
 from mos_jax.hf import param_shapes
+from oracles.helpers import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -128,7 +127,9 @@ def test_option_validation_and_dtype_bits(llama2_7b):
     estimate_memory(llama2_7b, cfg, lora_rank=0)
   with pytest.raises(ValueError, match="Unknown dtype"):
     estimate_memory(llama2_7b, cfg, base_dtype="float7")
-  bits = [dtype_bits(d) for d in ("float32", "bfloat16", "int8", "nf4")]
+  # The base's bytes count each dtype's bits (nf4: 4, constants excluded).
+  n = estimate_memory(llama2_7b, cfg).base_params
+  bits = [8 * estimate_memory(llama2_7b, cfg, base_dtype=d).base_bytes / n for d in ("float32", "bfloat16", "int8", "nf4")]
   assert bits == [32, 16, 8, 4]
 
 
@@ -147,7 +148,7 @@ def test_long_context_is_trimmed_only_when_positions_own_no_params():
 
 def _run_cli(*args):
   return subprocess.run([sys.executable, "-m", "experiments.memory_estimate", *args],
-                        capture_output=True, text=True, timeout=300, cwd=ROOT)
+                        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
 
 
 def test_cli_preset_tiny_writes_json(tmp_path):

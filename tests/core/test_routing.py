@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from helpers import layered_params
 from mos_jax import MoSConfig
-from mos_jax.core import find_groups, make_routing
-from reference import expected_private_block
+from mos_jax.core import find_groups, make_spec
+from oracles.helpers import layered_params
+from oracles.reference import expected_private_block
 
 
 @st.composite
@@ -23,7 +23,7 @@ def configs(draw):
 
 
 def routing_for(cfg, num_layers, d=8):
-  return make_routing(cfg, find_groups(layered_params(num_layers, {"proj": (d, d)}), cfg))
+  return make_spec(cfg, find_groups(layered_params(num_layers, {"proj": (d, d)}), cfg))
 
 
 @settings(max_examples=60, deadline=None)
@@ -76,7 +76,7 @@ def test_routing_is_read_only():
 def test_not_divisible_by_shards():
   cfg = MoSConfig(rank=2, equivalent_rank=1, shards_per_vector=4, target_modules=["proj"])
   with pytest.raises(ValueError, match=r"d_in=6.*not divisible by shards_per_vector \(l=4\).*l in \[1, 2\]"):
-    make_routing(cfg, find_groups(layered_params(2, {"proj": (6, 8)}), cfg))
+    make_spec(cfg, find_groups(layered_params(2, {"proj": (6, 8)}), cfg))
 
 
 def test_public_region_too_small():

@@ -2,9 +2,9 @@ import jax.numpy as jnp
 import pytest
 from flax.core import freeze
 
-from helpers import layered_params
 from mos_jax import MoSConfig, dry_run
 from mos_jax.core import BERT_TARGETS, find_groups
+from oracles.helpers import layered_params
 
 CFG = MoSConfig(rank=2, equivalent_rank=1)
 

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 
 import mos_jax
-from conftest import hf_numerics
 from experiments import bench_core, bench_levers
 from experiments.lib import bench
-from helpers import assert_close, random_pools
+from oracles.helpers import assert_close, hf_numerics, random_pools
 
 
 @pytest.fixture(scope="module")

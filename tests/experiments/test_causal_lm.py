@@ -1,7 +1,6 @@
 """Decoder path: response-only loss masking, LM fine-tuning, generation, GSM8K scoring."""
 
 import re
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,7 @@ from experiments.lib.config import TrainConfig
 from experiments.lib.gsm8k_data import exact_match, final_number, generate_problems, load_jsonl
 from experiments.lib.lm import decode_new, encode, encode_example, left_pad_prompts, masked_lm_loss, train_lm
 from experiments.lib.models import load_causal_lm, tiny_llama, train_tokenizer
-from helpers import assert_close, random_pools
+from oracles.helpers import REPO_ROOT, assert_close, random_pools
 
 FACTS = [("capital of France?", "Paris"), ("capital of Japan?", "Tokyo"), ("color of the sky?", "blue"),
          ("two plus two?", "four"), ("opposite of hot?", "cold"), ("largest planet?", "Jupiter"),
@@ -119,7 +118,7 @@ def test_gsm8k_loader_errors_and_real_data(tmp_path):
       load_jsonl(bad)
   with pytest.raises(FileNotFoundError, match="--data-dir"):
     load_jsonl(tmp_path / "missing.jsonl")
-  real = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+  real = REPO_ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
   if real.exists():
     pairs = load_jsonl(real)
     assert len(pairs) == 1319 and all(final_number(a) is not None for _, a in pairs)

@@ -23,7 +23,7 @@ from tunix.models.gemma3 import model as g3  # noqa: E402
 import mos_jax  # noqa: E402
 from experiments import claim_llm  # noqa: E402
 from experiments.lib import gemma3, instruct  # noqa: E402
-from helpers import assert_close
+from oracles.helpers import assert_close
 
 VOCAB = 64
 

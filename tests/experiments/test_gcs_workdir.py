@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from oracles.helpers import REPO_ROOT
+
 BUCKET = "bkt"
 
 
@@ -120,9 +121,9 @@ def test_sharded_run_checkpoints_resumes_and_exports_into_a_bucket(fake_gcs, tmp
 
   def train(*extra):
     # Run from a scratch folder: a path mistaken for a local one lands there, not in the checkout.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | fake_gcs | {"PYTHONPATH": str(ROOT)}
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | fake_gcs | {"PYTHONPATH": str(REPO_ROOT)}
     cmd = [sys.executable, "-m", "experiments.train_sharded", "--config",
-           str(ROOT / "experiments" / "configs" / "tiny_sharded.py"), "--workdir", f"gs://{BUCKET}/run",
+           str(REPO_ROOT / "experiments" / "configs" / "tiny_sharded.py"), "--workdir", f"gs://{BUCKET}/run",
            "--cpu-devices", "2", *extra]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

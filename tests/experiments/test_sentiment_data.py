@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from experiments.lib import sentiment_data as sd
+from oracles.helpers import REPO_ROOT
 
 
 def _write(tmp_path: Path, content: str, name: str = "data.tsv") -> Path:
@@ -21,7 +22,7 @@ def _write(tmp_path: Path, content: str, name: str = "data.tsv") -> Path:
 
 def _sst2_dir() -> Path:
   shared = os.environ.get("MOS_SHARED_DATA")
-  base = Path(shared) if shared else Path(__file__).resolve().parents[2] / "shared" / "data"
+  base = Path(shared) if shared else REPO_ROOT.parent / "shared" / "data"
   return base / "sst2"
 
 

@@ -1,17 +1,19 @@
 """The experiments' classification trainer on tiny random BERT and Llama encoders."""
 
+import dataclasses
 import json
+import shutil
 
 import jax
 import numpy as np
 import pytest
 from transformers import FlaxLlamaModel, LlamaConfig
 
-from conftest import hf_numerics
 from experiments.lib.classification import Dataset, train
 from experiments.lib.config import TrainConfig
-from mos_jax import MoSConfig
+from mos_jax import MismatchError, MoSConfig
 from mos_jax.core import BERT_TARGETS
+from oracles.helpers import assert_trees_equal, hf_numerics
 
 
 def toy_data(n, seed=0, vocab=64, length=12):
@@ -99,3 +101,22 @@ def test_saved_adapter_loads_back_as_a_native_mos_adapter(tiny_bert, tmp_path):
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.tree_util.tree_map(np.asarray, loaded.pools),
                          jax.tree_util.tree_map(np.asarray, result["trainable_state"]["adapter"].pools))
   assert (tmp_path / "run" / "head.safetensors").exists()
+
+
+def test_train_resumes_from_a_mid_run_checkpoint_and_refuses_another_seed(tiny_bert, tmp_path):
+  data, held_out = toy_data(24), toy_data(8, seed=1)
+  kw = dict(steps=4, eval_every=4, checkpoint_every=2, out_dir=str(tmp_path / "a"))
+  full = train(tiny_bert, tiny_bert.params, data, held_out, cfg(tmp_path, **kw))
+  # Keep only the step-2 checkpoint, as if the run had died during step 3.
+  run = tmp_path / "b"
+  shutil.copytree(tmp_path / "a", run)
+  shutil.rmtree(run / "checkpoints" / "4")
+  resume = cfg(tmp_path, **{**kw, "out_dir": str(run), "resume": True})
+  resumed = train(tiny_bert, tiny_bert.params, data, held_out, resume)
+  assert [m["loss"] for m in resumed["metrics"]] == [m["loss"] for m in full["metrics"]]
+  assert_trees_equal(resumed["trainable_state"], full["trainable_state"])
+
+  other = cfg(tmp_path, **{**kw, "out_dir": str(run), "resume": True})
+  other = dataclasses.replace(other, mos=dataclasses.replace(other.mos, seed=5))
+  with pytest.raises(MismatchError, match=r"train\.mos\.seed: the checkpoint has 0, this run has 5"):
+    train(tiny_bert, tiny_bert.params, data, held_out, other)

@@ -1,4 +1,4 @@
-"""Native MoS adapter files, PEFT LoRA export, merged HF Flax export (and PEFT in PyTorch, slow)."""
+"""The native MoS adapter file: round trips, damage and other models refused, old formats still read."""
 
 import dataclasses
 import json
@@ -10,51 +10,39 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
-from transformers import FlaxLlamaForCausalLM
 
-from conftest import hf_numerics
-from helpers import assert_close, random_pools
-import mos_jax.hf
-from mos_jax import MoSConfig, adapt, export_peft, inject, load_adapter, merge, save_adapter
-from mos_jax.core import CorruptError, MismatchError, delta_weight, layer_factors
-from mos_jax.formats import load_peft_factors
+from mos_jax import CorruptError, MismatchError, MoSConfig, adapt, export_peft, load_adapter, merge, save_adapter
+from mos_jax.train import adapter_identity
+from oracles.helpers import (EXPORT_CONFIG, PRE_RESTRUCTURE, injected_logits, pre_restructure_adapter,
+                             random_pools, trained_adapter)
+from oracles.reference import named_arrays_sha256
+
 HEADER_KEY = "mos_jax.adapter"  # the native file's one metadata entry (format 3)
-
-MOS = MoSConfig(rank=4, equivalent_rank=2, private_rank=1, shards_per_vector=2, alpha=8.0)
-IDS = np.random.default_rng(0).integers(0, 64, size=(2, 9)).astype(np.int32)
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_llama):
-  """An adapter whose pools (B included) are random and small, as after some training."""
-  adapter = adapt(tiny_llama.params, MOS)
-  pools = jax.tree_util.tree_map(lambda x: 0.1 * x, random_pools(adapter.pools, seed=3))
-  return adapter.replace(pools=pools)
-
-
-def adapted_logits(model, params, adapter, ids=IDS):
-  with inject(adapter), hf_numerics():
-    return np.asarray(model(ids, params=params).logits)
+  return trained_adapter(tiny_llama.params, EXPORT_CONFIG)
 
 
 def test_native_file_round_trip(tiny_llama, trained, tmp_path):
   path = save_adapter(tmp_path / "adapter.safetensors", trained)
   assert [p.name for p in tmp_path.iterdir()] == ["adapter.safetensors"]  # no temp file left
   loaded = load_adapter(path, params=tiny_llama.params)
-  assert loaded.routing == trained.routing and loaded.routing.digest == trained.routing.digest
-  assert loaded.routing.config == MOS and loaded.routing.groups == trained.routing.groups
-  assert loaded.routing.version == trained.routing.version and loaded.base_params == trained.base_params
-  for g in trained.routing.groups:
-    np.testing.assert_array_equal(loaded.routing.index_a[g.name], trained.routing.index_a[g.name])
-    np.testing.assert_array_equal(loaded.routing.index_b[g.name], trained.routing.index_b[g.name])
+  assert loaded.spec == trained.spec and loaded.spec.digest == trained.spec.digest
+  assert loaded.spec.config == EXPORT_CONFIG and loaded.spec.groups == trained.spec.groups
+  assert loaded.spec.version == trained.spec.version and loaded.base_params == trained.base_params
+  for g in trained.spec.groups:
+    np.testing.assert_array_equal(loaded.spec.index_a[g.name], trained.spec.index_a[g.name])
+    np.testing.assert_array_equal(loaded.spec.index_b[g.name], trained.spec.index_b[g.name])
   jax.tree_util.tree_map(np.testing.assert_array_equal, loaded.pools, trained.pools)
   # Identical inputs to identical computations: bit-identical outputs.
-  np.testing.assert_array_equal(adapted_logits(tiny_llama, tiny_llama.params, loaded),
-                                adapted_logits(tiny_llama, tiny_llama.params, trained))
+  np.testing.assert_array_equal(injected_logits(tiny_llama, tiny_llama.params, loaded),
+                                injected_logits(tiny_llama, tiny_llama.params, trained))
 
 
 def test_native_file_keeps_bfloat16_pools_exactly(tiny_llama, tmp_path):
-  adapter = adapt(tiny_llama.params, dataclasses.replace(MOS, pool_dtype="bfloat16"))
+  adapter = adapt(tiny_llama.params, dataclasses.replace(EXPORT_CONFIG, pool_dtype="bfloat16"))
   pools = random_pools(adapter.pools, seed=1)
   loaded = load_adapter(save_adapter(tmp_path / "a.safetensors", adapter.replace(pools=pools)))
   # The base model's size is stored in the file, so it is known without params.
@@ -110,6 +98,14 @@ def test_native_file_refuses_another_model_and_damage(trained, tmp_path):
     load_adapter(old)
 
 
+def test_truncated_adapter_files_are_reported_as_damage(trained, tmp_path):
+  data = save_adapter(tmp_path / "a.safetensors", trained).read_bytes()
+  for cut in np.linspace(0, len(data) - 1, 12).astype(int):
+    (tmp_path / "cut.safetensors").write_bytes(data[:cut])
+    with pytest.raises(CorruptError):
+      load_adapter(tmp_path / "cut.safetensors")
+
+
 def read_native(path):
   with safe_open(str(path), framework="numpy") as f:
     meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
@@ -153,12 +149,11 @@ def test_native_file_header_is_inside_the_checksum(trained, tmp_path):
 def test_native_file_with_valid_checksum_but_impossible_contents_is_refused(trained, tmp_path):
   """A hand-edited file whose checksum was recomputed: out-of-range shard ids are caught on load."""
   import hashlib
-  from mos_jax.core import sha256_arrays
 
   def _digest(header, tensors):  # the documented checksum, recomputed independently to forge a file
     body = json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True, separators=(",", ":"))
     h = hashlib.sha256(body.encode())
-    h.update(sha256_arrays((k, tensors[k]) for k in sorted(tensors)).encode())
+    h.update(named_arrays_sha256((k, tensors[k]) for k in sorted(tensors)).encode())
     return h.hexdigest()
 
   header, tensors = read_native(save_adapter(tmp_path / "a.safetensors", trained))
@@ -170,16 +165,15 @@ def test_native_file_with_valid_checksum_but_impossible_contents_is_refused(trai
 
 
 def test_native_format_2_files_still_load_with_a_warning(trained, tmp_path):
-  from mos_jax.core import sha256_arrays
   header, tensors = read_native(save_adapter(tmp_path / "a.safetensors", trained))
   legacy = {"format": "mos_jax.adapter/2", "mos_config": json.dumps(header["mos_config"]),
             "routing_version": header["routing_version"], "groups": json.dumps(header["groups"]),
             "base_params": str(header["base_params"]),
-            "sha256": sha256_arrays((k, tensors[k]) for k in sorted(tensors))}
+            "sha256": named_arrays_sha256((k, tensors[k]) for k in sorted(tensors))}
   save_file(tensors, str(tmp_path / "v2.safetensors"), metadata=legacy)
   with pytest.warns(UserWarning, match="format-2 adapter file"):
     loaded = load_adapter(tmp_path / "v2.safetensors")
-  assert loaded.routing == trained.routing
+  assert loaded.spec == trained.spec
   jax.tree_util.tree_map(np.testing.assert_array_equal, loaded.pools, trained.pools)
 
 
@@ -222,7 +216,7 @@ def test_native_file_stores_the_groups_layouts(trained, tmp_path):
   assert groups["model/layers/*/self_attn/k_proj"] == {
       "paths": [f"model/layers/{i}/self_attn/k_proj" for i in range(4)], "kernel_shape": [32, 16],
       "in_axes": [0], "out_axes": [1], "num_layers": 4, "layer_axis": None}
-  assert groups == mos_jax.core.adapter_identity(trained)["groups"]
+  assert groups == adapter_identity(trained)["groups"]
 
 
 def test_native_file_round_trips_a_declared_stack(tmp_path):
@@ -232,7 +226,7 @@ def test_native_file_round_trips_a_declared_stack(tmp_path):
                                     stacked_modules=["q"], layer_axis=1))
   adapter = adapter.replace(pools=random_pools(adapter.pools))
   loaded = load_adapter(save_adapter(tmp_path / "stack.safetensors", adapter), params=params)
-  assert loaded.groups == adapter.groups and loaded.groups[0].layer_axis == 1 and loaded.routing == adapter.routing
+  assert loaded.groups == adapter.groups and loaded.groups[0].layer_axis == 1 and loaded.spec == adapter.spec
   np.testing.assert_array_equal(merge(params, loaded)["layers"]["q"]["kernel"],
                                 merge(params, adapter)["layers"]["q"]["kernel"])
   with pytest.raises(MismatchError, match=r"layers/q: the adapter expects a kernel \(8, 3, 16\), the params have "
@@ -243,135 +237,13 @@ def test_native_file_round_trips_a_declared_stack(tmp_path):
     export_peft(tmp_path / "peft", adapter)
 
 
-def test_peft_export_layout_and_exact_delta_weights(trained, tmp_path):
-  folder = export_peft(tmp_path / "peft", trained, base_model_name_or_path="tiny-llama")
-  config = json.loads((folder / "adapter_config.json").read_text())
-  assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8.0
-  assert config["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                             "up_proj", "down_proj"])
-  assert config["base_model_name_or_path"] == "tiny-llama"
-  with safe_open(str(folder / "adapter_model.safetensors"), framework="numpy") as f:
-    keys = set(f.keys())
-    a = f.get_tensor("base_model.model.model.layers.2.self_attn.k_proj.lora_A.weight")
-    b = f.get_tensor("base_model.model.model.layers.2.self_attn.k_proj.lora_B.weight")
-  assert len(keys) == 4 * 7 * 2
-  assert a.shape == (4, 32) and b.shape == (16, 4)  # (r, d_in), (d_out, r); GQA k_proj is 32 -> 16
-
-  factors, scale = load_peft_factors(folder)
-  assert scale == MOS.scale
-  expected = layer_factors(trained)
-  assert set(factors) == set(expected)
-  for path, (a, b) in factors.items():
-    np.testing.assert_array_equal(a, expected[path][0])
-    np.testing.assert_array_equal(b, expected[path][1])
-    np.testing.assert_array_equal(delta_weight(jnp.asarray(a), jnp.asarray(b), scale),
-                                  delta_weight(*expected[path], MOS.scale))
-
-
-def test_merged_export_loads_with_from_pretrained(tiny_llama, trained, tmp_path):
-  folder = mos_jax.hf.export_merged(tmp_path / "merged", tiny_llama, tiny_llama.params, trained)
-  assert (folder / "model.safetensors").exists() and not (folder / "flax_model.msgpack").exists()
-  with hf_numerics():
-    reloaded = FlaxLlamaForCausalLM.from_pretrained(folder)
-  merged = merge(tiny_llama.params, trained)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, reloaded.params, merged)
-  with hf_numerics():
-    logits = np.asarray(reloaded(IDS).logits)
-    base = np.asarray(tiny_llama(IDS).logits)
-  injected = adapted_logits(tiny_llama, tiny_llama.params, trained)
-  assert np.abs(injected - base).max() > 1e-2  # the adapter changes the output...
-  # ...and merged weights reproduce it up to float32 rounding of W + ΔW vs. W x + ΔW x.
-  assert_close(logits, injected, rtol=1e-5)
-
-
-def test_exports_replace_an_existing_folder_whole(trained, tmp_path):
-  folder = tmp_path / "peft"
-  folder.mkdir()
-  (folder / "stale.bin").write_text("old")
-  export_peft(folder, trained)
-  assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                      "mos_jax_manifest.json"]
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["peft"]  # no temp folders left
-
-
-def test_merged_export_refuses_params_of_another_model(tiny_llama, trained, tmp_path):
-  """Issue 13.7: a hidden-64 model with hidden-32 params wrote a folder that then failed to load."""
-  from transformers import LlamaConfig
-  with hf_numerics():
-    wide = FlaxLlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=48, num_hidden_layers=4,
-                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                            tie_word_embeddings=False), _do_init=False)
-  with pytest.raises(MismatchError, match=r"params are not the model's") as err:
-    mos_jax.hf.export_merged(tmp_path / "merged", wide, tiny_llama.params, trained)
-  assert "embed_tokens/embedding]: the model's config has [64, 64], the params tree has [64, 32]" in str(err.value)
-  assert "Pass the model whose params these are" in str(err.value)
-  assert list(tmp_path.iterdir()) == []  # nothing written
-
-
-def test_exports_carry_a_manifest_that_catches_damage(tiny_llama, trained, tmp_path):
-  from mos_jax.formats import verify_export
-  peft = export_peft(tmp_path / "peft", trained)
-  merged = mos_jax.hf.export_merged(tmp_path / "merged", tiny_llama, tiny_llama.params, trained)
-  for folder, name in ((peft, "adapter_model.safetensors"), (merged, "model.safetensors"),
-                       (peft, "adapter_config.json")):
-    assert verify_export(folder)
-    original = (folder / name).read_bytes()
-    flipped = bytearray(original)
-    flipped[len(original) // 2] ^= 0x04
-    (folder / name).write_bytes(bytes(flipped))
-    with pytest.raises(CorruptError, match=f"{name}: content differs"):
-      verify_export(folder)
-    if folder == peft:
-      with pytest.raises(CorruptError, match="checksum mismatch"):
-        load_peft_factors(folder)
-    (folder / name).write_bytes(original[:-10])
-    with pytest.raises(CorruptError, match=f"{name}: {len(original) - 10} bytes, {len(original)} written"):
-      verify_export(folder)
-    (folder / name).write_bytes(original)
-    assert verify_export(folder)
-  (peft / "extra.bin").write_bytes(b"x")
-  with pytest.raises(CorruptError, match="extra.bin: not in the manifest"):
-    verify_export(peft)
-
-
-def test_bert_export_names_modules_like_pytorch(tiny_bert, tmp_path):
-  cfg = MoSConfig(rank=2, equivalent_rank=1, target_modules=("query", "attention/output/dense"))
-  adapter = adapt(tiny_bert.params, cfg)
-  factors, _ = load_peft_factors(export_peft(tmp_path / "p", adapter, task_type=None))
-  assert "encoder/layer/1/attention/output/dense" in factors and len(factors) == 2 * 3
-  config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
-  assert config["target_modules"] == ["dense", "query"]
-
-
-@pytest.mark.slow
-def test_peft_adapter_in_pytorch_matches_mos_jax(tiny_llama, trained, tmp_path):
-  torch = pytest.importorskip("torch")
-  peft = pytest.importorskip("peft")
-  from transformers import LlamaForCausalLM
-  from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
-
-  torch.manual_seed(0)
-  config = tiny_llama.config.__class__(**{**tiny_llama.config.to_dict(), "attn_implementation": "eager"})
-  base = LlamaForCausalLM(config).eval()
-  base = load_flax_weights_in_pytorch_model(base, jax.tree_util.tree_map(np.array, tiny_llama.params))
-  folder = export_peft(tmp_path / "peft", trained)
-  model = peft.PeftModel.from_pretrained(base, str(folder)).eval()
-  # Every exported factor was loaded (none left at PEFT's initialisation).
-  a = model.base_model.model.model.layers[3].mlp.down_proj.lora_A["default"].weight.detach().numpy()
-  with safe_open(str(folder / "adapter_model.safetensors"), framework="numpy") as f:
-    np.testing.assert_array_equal(a, f.get_tensor("base_model.model.model.layers.3.mlp.down_proj.lora_A.weight"))
-  ids = torch.from_numpy(IDS).long()
-  with torch.no_grad():
-    torch_logits = model(ids).logits.numpy()
-    with model.disable_adapter():
-      torch_plain = model(ids).logits.numpy()
-  ours = adapted_logits(tiny_llama, tiny_llama.params, trained)
-  with hf_numerics():
-    plain = np.asarray(tiny_llama(IDS).logits)
-
-  def rel(x, ref):
-    return np.abs(x - ref).max() / np.abs(ref).max()
-
-  assert rel(torch_plain, plain) < 1e-5  # the same base model in both frameworks
-  assert rel(ours, plain) > 1e-2  # the adapter matters, so the match below is not trivial
-  assert rel(torch_logits, ours) < 1e-4, rel(torch_logits, ours)
+def test_a_file_written_before_the_restructure_loads_and_saves_back_byte_for_byte(tmp_path):
+  """The spec renamed (``Routing`` -> ``AdapterSpec``), the file format did not change by a byte."""
+  params, expected = pre_restructure_adapter()
+  old = PRE_RESTRUCTURE / "adapter.safetensors"
+  loaded = load_adapter(old, params=params)
+  assert loaded.spec == expected.spec and loaded.spec.version == "mos-routing-v1"
+  assert loaded.groups[-1].stacked and loaded.base_params == expected.base_params
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded.pools, expected.pools)
+  assert save_adapter(tmp_path / "again.safetensors", loaded).read_bytes() == old.read_bytes()
+  assert save_adapter(tmp_path / "fresh.safetensors", expected).read_bytes() == old.read_bytes()

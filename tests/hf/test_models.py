@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import hf_numerics
-from helpers import assert_close, random_pools
-from mos_jax import MoSConfig, adapt, assemble, inject, merge, unmerge
+from mos_jax import MoSConfig, adapt, assemble, merge, unmerge
 from mos_jax.core import BERT_TARGETS
+from mos_jax.linen import inject
+from oracles.helpers import assert_close, hf_numerics, random_pools
 
 IDS = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(2, 7)), jnp.int32)
 
@@ -72,8 +72,10 @@ def test_merge_touches_only_targets_and_unmerge_restores(tiny_llama):
   np.testing.assert_array_equal(np.asarray(layers["2"]["self_attn"]["k_proj"]["kernel"]),
                                 np.asarray(base["2"]["self_attn"]["k_proj"]["kernel"]))
   restored = unmerge(merged, adapter)
-  jax.tree_util.tree_map(lambda x, y: assert_close(np.asarray(x), np.asarray(y), rtol=1e-5),
-                         restored, tiny_llama.params)
+  # (W + ΔW) - ΔW rounds in float32 at the scale of W + ΔW, not of W: the error is measured there.
+  for x, y, m in zip(*(jax.tree_util.tree_leaves(t) for t in (restored, tiny_llama.params, merged))):
+    x, y, m = (np.asarray(v, np.float64) for v in (x, y, m))
+    assert np.abs(x - y).max() <= 1e-5 * np.abs(m).max(), (np.abs(x - y).max(), np.abs(m).max())
 
 
 def test_merge_keeps_kernel_dtype(tiny_llama):

@@ -15,8 +15,7 @@ from transformers import FlaxGPT2LMHeadModel, GPT2Config
 
 import mos_jax
 import mos_jax.hf
-from conftest import hf_numerics
-from helpers import random_pools, rel_err
+from oracles.helpers import hf_numerics, random_pools, rel_err
 
 RTOL = 1e-5
 
@@ -77,7 +76,7 @@ def _params(module, x):
 def _adapted_vs_merged(module, params, x, config, layouts):
   adapter = mos_jax.adapt(params, config, layouts=layouts)
   adapter = adapter.replace(pools=random_pools(adapter.pools, seed=3))
-  with mos_jax.inject(adapter):
+  with mos_jax.linen.inject(adapter):
     adapted = module.apply({"params": params}, x)
   merged = module.apply({"params": mos_jax.merge(params, adapter)}, x)
   base = module.apply({"params": params}, x)
@@ -126,7 +125,7 @@ def test_einsum_kernels_match_a_numpy_reference_and_merge():
     return y
 
   with mos_jax.linen.intercept_kernel_calls(spy):   # outer: sees the adapted output
-    with mos_jax.inject(adapter):
+    with mos_jax.linen.inject(adapter):
       module.apply({"params": params}, x)
   base_kv = np.einsum("bsd,ckdh->cbskh", xn, np.asarray(params["layers"]["0"]["kv_einsum"]["kernel"], np.float64))
   assert rel_err(np.asarray(captured["layers/0/kv_einsum"]) - base_kv, expected) < 1e-4
@@ -191,7 +190,7 @@ def test_never_called_modules_raise_instead_of_training_nothing():
   config = mos_jax.MoSConfig(rank=2, equivalent_rank=1, target_modules=("custom", "proj"))
   adapter = mos_jax.adapt(params, config)  # params alone cannot tell Custom from Dense
   with pytest.raises(RuntimeError, match="never reached these adapted modules: layers/0/custom, layers/1/custom"):
-    with mos_jax.inject(adapter):
+    with mos_jax.linen.inject(adapter):
       module.apply({"params": params}, x)
   layouts = mos_jax.linen.kernel_layouts(lambda p, v: module.apply({"params": p}, v), params, x)
   with pytest.raises(ValueError, match="belongs to a Custom module"):
@@ -205,7 +204,7 @@ def test_cached_trace_outside_inject_is_caught():
   forward = jax.jit(lambda p, v: module.apply({"params": p}, v))
   forward(params, x)  # traced without the adapter
   with pytest.raises(RuntimeError, match="never reached"):
-    with mos_jax.inject(adapter):
+    with mos_jax.linen.inject(adapter):
       forward(params, x)  # the cached trace runs: no adapter, and no silent success
 
 
@@ -230,7 +229,7 @@ def test_nn_jit_layers_are_adapted_or_refused_never_silent():
   module.apply({"params": params}, x)  # a trace without the adapter, which nn.jit may cache
   for _ in range(2):
     try:
-      with mos_jax.inject(adapter):
+      with mos_jax.linen.inject(adapter):
         adapted = module.apply({"params": params}, x)
     except RuntimeError as e:
       assert "never reached" in str(e)
@@ -250,7 +249,7 @@ def test_gpt2_conv1d_needs_its_layout_and_then_matches_merge(tiny_gpt2):
   config = mos_jax.MoSConfig(rank=4, equivalent_rank=1, shards_per_vector=2, target_modules=("c_attn", "c_fc"))
   wrong = mos_jax.adapt(model.params, config)  # (out, in) kernels read as (in, out)
   with pytest.raises(ValueError, match="FlaxConv1D stores its kernel as \\(out, in\\)"):
-    with mos_jax.inject(wrong), hf_numerics():
+    with mos_jax.linen.inject(wrong), hf_numerics():
       model(ids, params=model.params)
   layouts = mos_jax.hf.kernel_layouts(model)
   assert layouts["transformer/h/0/attn/c_attn"].in_axes == (1,)
@@ -258,7 +257,7 @@ def test_gpt2_conv1d_needs_its_layout_and_then_matches_merge(tiny_gpt2):
   assert {(g.d_in, g.d_out) for g in adapter.groups} == {(32, 96), (32, 128)}
   adapter = adapter.replace(pools=random_pools(adapter.pools, seed=1))
   with hf_numerics():
-    with mos_jax.inject(adapter):
+    with mos_jax.linen.inject(adapter):
       adapted = model(ids, params=model.params).logits
     merged = model(ids, params=mos_jax.merge(model.params, adapter)).logits
   assert rel_err(adapted, merged) < RTOL
@@ -284,10 +283,10 @@ def test_adapter_for_another_model_is_refused_by_merge_and_inject():
     mos_jax.merge(six.params, small)
   ids = jnp.ones((1, 4), jnp.int32)
   with pytest.raises(RuntimeError, match="model/layers/4/"):
-    with mos_jax.inject(big), hf_numerics():
+    with mos_jax.linen.inject(big), hf_numerics():
       four(ids, params=four.params)
   with pytest.raises(ValueError, match="model/layers/4/.* has no factors"):
-    with mos_jax.inject(small), hf_numerics():
+    with mos_jax.linen.inject(small), hf_numerics():
       six(ids, params=six.params)
 
 
@@ -299,7 +298,7 @@ def test_pools_of_another_config_cannot_be_paired_with_a_routing(tiny_llama):
   with pytest.raises(TypeError, match="takes an mos_jax.Adapter"):
     mos_jax.merge(tiny_llama.params, mos_jax.assemble(rank4))  # factors alone carry no routing
   with pytest.raises(TypeError, match="takes an mos_jax.Adapter"):
-    with mos_jax.inject(rank4.pools):
+    with mos_jax.linen.inject(rank4.pools):
       pass
 
 
@@ -317,11 +316,11 @@ def test_adapter_is_a_pytree_of_its_pools_and_trains_with_optax(tiny_llama):
       logits = tiny_llama(ids[:, :-1], params=params).logits
     return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
-  step = mos_jax.make_train_step(loss_fn, opt)
+  step = mos_jax.linen.make_train_step(loss_fn, opt)
   ids = jax.random.randint(jax.random.key(0), (2, 8), 0, 64)
   new, state, loss0 = step(adapter, state, tiny_llama.params, ids, None)
   new, state, loss1 = step(new, state, tiny_llama.params, ids, None)
-  assert isinstance(new, mos_jax.Adapter) and new.routing == adapter.routing
+  assert isinstance(new, mos_jax.Adapter) and new.spec == adapter.spec
   assert float(loss1) < float(loss0)
   assert step._cache_size() == 1  # a new adapter value with the same routing does not recompile
 

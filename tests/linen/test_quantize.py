@@ -8,11 +8,11 @@ import optax
 import pytest
 from flax.core import freeze
 
-from conftest import hf_numerics
-from helpers import assert_close, random_pools
-from mos_jax import MoSConfig, adapt, make_train_step
-from mos_jax.linen import (NF4_CODEBOOK, NF4Kernel, QuantizedKernel, adapted_loss, dequantize, dequantized_dense,
+from mos_jax import MoSConfig, adapt
+from mos_jax.linen import (NF4Kernel, QuantizedKernel, adapted_loss, make_train_step, dequantize, dequantized_dense,
                            is_quantized, quantize, quantize_int8, quantize_nf4, quantized_bytes)
+from oracles.helpers import assert_close, hf_numerics, random_pools
+from oracles.reference import NF4_CODEBOOK
 
 IDS = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(4, 9)), jnp.int32)
 LLAMA_KERNELS = 4 * 7 + 1  # seven projections per layer, plus lm_head

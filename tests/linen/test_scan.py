@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import mos_jax
-from helpers import assert_close, random_pools
+from oracles.helpers import assert_close, random_pools
 
 L = 4
 NAMES = ("q", "up", "down")
@@ -62,15 +62,15 @@ def apply_unrolled(params, x):
   return Unrolled().apply({"params": params}, x)
 
 
-def same_routing(scanned_adapter, unrolled_adapter):
+def same_spec(scanned_adapter, unrolled_adapter):
   """The unrolled adapter with the scanned one's index arrays and pools, group by group."""
   by_leaf = {g.name.split("/")[-1]: g.name for g in scanned_adapter.groups}
-  index_a = {g.name: scanned_adapter.routing.index_a[by_leaf[g.name.split("/")[-1]]] for g in unrolled_adapter.groups}
-  index_b = {g.name: scanned_adapter.routing.index_b[by_leaf[g.name.split("/")[-1]]] for g in unrolled_adapter.groups}
-  routing = mos_jax.core.Routing(config=unrolled_adapter.config, groups=unrolled_adapter.groups,
-                                 index_a=index_a, index_b=index_b)
+  index_a = {g.name: scanned_adapter.spec.index_a[by_leaf[g.name.split("/")[-1]]] for g in unrolled_adapter.groups}
+  index_b = {g.name: scanned_adapter.spec.index_b[by_leaf[g.name.split("/")[-1]]] for g in unrolled_adapter.groups}
+  spec = mos_jax.core.AdapterSpec(config=unrolled_adapter.config, groups=unrolled_adapter.groups,
+                                  index_a=index_a, index_b=index_b)
   pools = {g.name: scanned_adapter.pools[by_leaf[g.name.split("/")[-1]]] for g in unrolled_adapter.groups}
-  return mos_jax.Adapter(pools=pools, routing=routing)
+  return mos_jax.Adapter(pools=pools, spec=spec)
 
 
 @pytest.mark.parametrize("axis", [0, 1])
@@ -85,19 +85,19 @@ def test_scanned_equals_unrolled_outputs_and_pool_gradients(axis):
   # Small random pools (B included): a clear adapter effect that does not blow up through 4 layers.
   scanned = scanned.replace(pools=jax.tree_util.tree_map(lambda p: 0.1 * p, random_pools(scanned.pools, seed=2)))
   flat = unrolled_params(params, axis)
-  unrolled = same_routing(scanned, mos_jax.adapt(flat, config))
+  unrolled = same_spec(scanned, mos_jax.adapt(flat, config))
 
   def scanned_loss(adapter):
-    with mos_jax.inject(adapter):
-      return (model.apply({"params": mos_jax.linen.attach(params, adapter)}, x) ** 2).sum()
+    with mos_jax.linen.inject(adapter):
+      return (model.apply({"params": mos_jax.linen.with_factors(params, adapter)}, x) ** 2).sum()
 
   def unrolled_loss(adapter):
-    with mos_jax.inject(adapter):
+    with mos_jax.linen.inject(adapter):
       return (apply_unrolled(flat, x) ** 2).sum()
 
-  with mos_jax.inject(scanned):
-    out_scanned = model.apply({"params": mos_jax.linen.attach(params, scanned)}, x)
-  with mos_jax.inject(unrolled):
+  with mos_jax.linen.inject(scanned):
+    out_scanned = model.apply({"params": mos_jax.linen.with_factors(params, scanned)}, x)
+  with mos_jax.linen.inject(unrolled):
     out_unrolled = apply_unrolled(flat, x)
   assert_close(out_scanned, out_unrolled, rtol=1e-5)
   assert np.abs(np.asarray(out_scanned) - np.asarray(model.apply({"params": params}, x))).max() > 1e-3
@@ -118,7 +118,7 @@ def test_scanned_model_trains_with_make_train_step():
   adapter = mos_jax.adapt(params, mos_jax.MoSConfig(rank=4, equivalent_rank=1, shards_per_vector=2, target_modules=NAMES,
                                                     stacked_modules=NAMES, dropout=0.1))
   optimizer = optax.adam(1e-2)
-  step = mos_jax.make_train_step(lambda p, b: ((model.apply({"params": p}, b) - 1.0) ** 2).mean(), optimizer)
+  step = mos_jax.linen.make_train_step(lambda p, b: ((model.apply({"params": p}, b) - 1.0) ** 2).mean(), optimizer)
   opt_state = optimizer.init(adapter)
   losses = []
   for i in range(5):
@@ -133,10 +133,10 @@ def test_scanned_model_without_attached_factors_is_refused():
   params = model.init(jax.random.key(1), x)["params"]
   adapter = mos_jax.adapt(params, mos_jax.MoSConfig(rank=2, equivalent_rank=1, target_modules=NAMES,
                                                     stacked_modules=NAMES))
-  with pytest.raises(ValueError, match="call the scanned model with mos_jax.linen.attach"):
-    with mos_jax.inject(adapter):
+  with pytest.raises(ValueError, match="call the scanned model with mos_jax.linen.with_factors"):
+    with mos_jax.linen.inject(adapter):
       model.apply({"params": params}, x)
-  with pytest.raises(ValueError, match="attach"):
+  with pytest.raises(ValueError, match="with_factors"):
     with mos_jax.linen.inject_multi(mos_jax.core.stack_adapters([adapter]), jnp.zeros((1,), jnp.int32)):
       model.apply({"params": params}, x)
 
@@ -156,15 +156,15 @@ def test_serving_many_adapters_on_a_scanned_model_equals_each_alone():
   @jax.jit
   def serve(stack, ids):
     with mos_jax.linen.inject_multi(stack, ids):
-      return model.apply({"params": mos_jax.linen.attach(params, stack)}, x)
+      return model.apply({"params": mos_jax.linen.with_factors(params, stack)}, x)
 
   out = serve(stack, ids)
   for row, k in enumerate([1, -1, 0]):
     if k < 0:
       alone = model.apply({"params": params}, x[row:row + 1])
     else:
-      with mos_jax.inject(adapters[k]):
-        alone = model.apply({"params": mos_jax.linen.attach(params, adapters[k])}, x[row:row + 1])
+      with mos_jax.linen.inject(adapters[k]):
+        alone = model.apply({"params": mos_jax.linen.with_factors(params, adapters[k])}, x[row:row + 1])
     assert_close(out[row:row + 1], alone, rtol=1e-5)
 
 
@@ -194,12 +194,12 @@ def test_stacked_adapter_round_trips_through_orbax_and_the_native_file(tmp_path)
   config = mos_jax.MoSConfig(rank=2, equivalent_rank=1, target_modules=NAMES, stacked_modules=NAMES, layer_axis=1)
   adapter = mos_jax.adapt(params, config)
   trained = adapter.replace(pools=random_pools(adapter.pools, seed=5))
-  ident = {"adapter": mos_jax.core.adapter_identity(trained, base_params=params)}
+  ident = {"adapter": mos_jax.train.adapter_identity(trained, base_params=params)}
   with mos_jax.TrainCheckpointer(tmp_path / "ckpt", identity=ident, async_save=False) as ckpt:
     ckpt.save(3, {"adapter": trained}, force=True)
     ckpt.wait()
     restored = ckpt.restore({"adapter": adapter}).state["adapter"]
-  assert restored.routing == trained.routing
+  assert restored.spec == trained.spec
   jax.tree_util.tree_map(np.testing.assert_array_equal, restored.pools, trained.pools)
   loaded = mos_jax.load_adapter(mos_jax.save_adapter(tmp_path / "a.safetensors", trained), params=params)
   np.testing.assert_array_equal(mos_jax.merge(params, loaded)["layers"]["q"]["kernel"],

@@ -4,18 +4,16 @@ import dataclasses
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import hf_numerics
-from helpers import assert_close, random_pools
-from mos_jax import MoSConfig, adapt, assemble, inject
+from mos_jax import MoSConfig, adapt, assemble
 from mos_jax.core import row_factors, stack_adapters
-from mos_jax.linen import inject_multi
+from mos_jax.linen import inject, inject_multi
+from oracles.helpers import REPO_ROOT, assert_close, hf_numerics, random_pools
 
 BASE = MoSConfig(rank=4, equivalent_rank=1, shards_per_vector=2)
 # Different seeds (so different routings), strategies and alphas: all stack together.
@@ -113,7 +111,7 @@ def test_refuses_incompatible_adapters_and_bad_ids(tiny_llama, adapters):
 
 def test_benchmark_quick_run_writes_json(tmp_path):
   out = tmp_path / "bench.json"
-  root = Path(__file__).resolve().parents[1]
+  root = REPO_ROOT
   run = subprocess.run([sys.executable, "-m", "experiments.bench_serving", "--quick", "--out", str(out)],
                        capture_output=True, text=True, timeout=600, cwd=root)
   assert run.returncode == 0, run.stderr[-3000:]

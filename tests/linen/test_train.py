@@ -6,9 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import hf_numerics
-from mos_jax import MoSConfig, adapt, make_train_step
-from mos_jax.linen import adapted_loss
+from mos_jax import MoSConfig, adapt
+from mos_jax.linen import adapted_loss, make_train_step
+from oracles.helpers import hf_numerics
 
 BATCH = {"ids": jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(4, 9)), jnp.int32)}
 
@@ -75,7 +75,7 @@ def test_optax_steps_learn_without_recompiling(setup):
   assert compiles == [], f"recompiled {len(compiles)} times after the first step"
   assert step._cache_size() == 1
   assert losses[-1] < losses[0] - 0.1, losses
-  assert type(trained) is type(adapter) and trained.routing == adapter.routing
+  assert type(trained) is type(adapter) and trained.spec == adapter.spec
   # Optimizer state covers only the pools: AdamW's mu has the adapter's structure (its leaves are the pools).
   mu = opt_state[0].mu
   assert jax.tree_util.tree_structure(mu) == jax.tree_util.tree_structure(trained)

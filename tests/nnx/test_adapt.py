@@ -14,8 +14,7 @@ import pytest
 from flax import nnx
 
 import mos_jax
-from conftest import hf_numerics
-from helpers import assert_close, random_pools, rel_err
+from oracles.helpers import assert_close, hf_numerics, random_pools, rel_err
 
 g3 = pytest.importorskip("tunix.models.gemma3.model")
 l3 = pytest.importorskip("tunix.models.llama3.model")
@@ -200,7 +199,7 @@ def test_nnx_and_linen_models_with_the_same_weights_agree():
   linen_adapter = mos_jax.adapt(params, config)
   adapted = mos_jax.nnx.adapt(nnx_model, config)
   nnx_adapter = mos_jax.nnx.adapter_of(adapted)
-  assert nnx_adapter.routing == linen_adapter.routing  # same groups, same draw
+  assert nnx_adapter.spec == linen_adapter.spec  # same groups, same draw
   jax.tree_util.tree_map(np.testing.assert_array_equal, nnx_adapter.pools, linen_adapter.pools)
   trained = linen_adapter.replace(pools=random_pools(linen_adapter.pools, seed=4))
   mos_jax.nnx.load_pools(adapted, trained)
@@ -222,7 +221,7 @@ def test_adapter_file_and_checkpoint_round_trip(tmp_path):
   with pytest.raises(mos_jax.core.MismatchError, match="layers/2/attn/q_einsum: the params have a targeted kernel"):
     mos_jax.nnx.adapt(tiny_gemma3(layers=3), mos_jax.load_adapter(path))
   # Orbax: the pools (an Adapter) checkpoint and restore bit for bit.
-  ident = {"adapter": mos_jax.core.adapter_identity(adapter)}
+  ident = {"adapter": mos_jax.train.adapter_identity(adapter)}
   with mos_jax.TrainCheckpointer(tmp_path / "ckpt", identity=ident, async_save=False) as ckpt:
     ckpt.save(1, {"adapter": mos_jax.nnx.adapter_of(adapted)}, force=True)
     ckpt.wait()
@@ -295,7 +294,7 @@ def test_tunix_peft_trainer_trains_the_pools_unchanged(tmp_path):
     trainer.train([batch] * 3)
   trained = mos_jax.nnx.adapter_of(adapted)
   assert float(jnp.abs(trained.pools["layers/*/attn/q_einsum"]["B"]).sum()) > 0  # B moved off zero
-  assert trained.routing == start.routing
+  assert trained.spec == start.spec
   base_after = jax.tree_util.tree_leaves(nnx.state(adapted, BASE))
   assert all(np.array_equal(a, b) for a, b in zip(base_before, base_after))
 

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import mos_jax
-from helpers import assert_close, random_pools
+from oracles.helpers import assert_close, random_pools
 
 L = 4
 NAMES = ("q", "up", "down")
@@ -65,15 +65,15 @@ class Unrolled(nnx.Module):
     return x
 
 
-def same_routing(scanned_adapter, unrolled_adapter):
+def same_spec(scanned_adapter, unrolled_adapter):
   leaf = lambda g: g.name.split("/")[-1]
   by_leaf = {leaf(g): g.name for g in scanned_adapter.groups}
-  routing = mos_jax.core.Routing(
+  spec = mos_jax.core.AdapterSpec(
       config=unrolled_adapter.config, groups=unrolled_adapter.groups,
-      index_a={g.name: scanned_adapter.routing.index_a[by_leaf[leaf(g)]] for g in unrolled_adapter.groups},
-      index_b={g.name: scanned_adapter.routing.index_b[by_leaf[leaf(g)]] for g in unrolled_adapter.groups})
+      index_a={g.name: scanned_adapter.spec.index_a[by_leaf[leaf(g)]] for g in unrolled_adapter.groups},
+      index_b={g.name: scanned_adapter.spec.index_b[by_leaf[leaf(g)]] for g in unrolled_adapter.groups})
   return mos_jax.Adapter(pools={g.name: scanned_adapter.pools[by_leaf[leaf(g)]] for g in unrolled_adapter.groups},
-                         routing=routing)
+                         spec=spec)
 
 
 @pytest.mark.parametrize("axis", [0, 1])
@@ -95,7 +95,7 @@ def test_scanned_nnx_equals_unrolled_outputs_and_pool_gradients(axis):
   assert_close(scanned(x), base_out, rtol=1e-5)  # B = 0 at init
   adapter = adapter.replace(pools=jax.tree_util.tree_map(lambda p: 0.1 * p, random_pools(adapter.pools, seed=3)))
   mos_jax.nnx.load_pools(scanned, adapter)
-  unrolled = mos_jax.nnx.adapt(unrolled_model, same_routing(adapter, mos_jax.nnx.adapter_of(
+  unrolled = mos_jax.nnx.adapt(unrolled_model, same_spec(adapter, mos_jax.nnx.adapter_of(
       mos_jax.nnx.adapt(unrolled_model, config))))
   out = scanned(x)
   assert_close(out, unrolled(x), rtol=1e-5)
@@ -116,7 +116,7 @@ def test_scanned_nnx_equals_unrolled_outputs_and_pool_gradients(axis):
       got = flat_s[("pools", i, f)]
       want = next(v for k, v in flat_u.items() if k[-1] == f and leaf in k)
       assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (name, f)
-  assert s_names.routing == adapter.routing
+  assert s_names.spec == adapter.spec
 
 
 def test_scanned_nnx_trains_with_nnx_optimizer():

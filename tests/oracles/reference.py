@@ -1,6 +1,26 @@
-"""Loop-based NumPy restatement of MOS_SPEC.md §3-§5, independent of mos_jax's code."""
+"""Independent restatements, in loops and NumPy, of what mos_jax computes: the method (MOS_SPEC.md §3-§5),
+the published NF4 codebook and the documented adapter-file checksum."""
+
+import hashlib
 
 import numpy as np
+
+#: QLoRA's NormalFloat-4 codebook as bitsandbytes publishes it (``create_normal_map``).
+NF4_CODEBOOK = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+
+
+def named_arrays_sha256(named):
+  """The documented digest of ``(name, array)`` pairs: SHA-256 of ``name|dtype|shape|`` then the bytes, each in turn."""
+  parts = []
+  for name, value in named:
+    arr = np.ascontiguousarray(value)
+    parts += [f"{name}|{arr.dtype}|{arr.shape}|".encode(), arr.tobytes()]
+  return hashlib.sha256(b"".join(parts)).hexdigest()
 
 
 def assemble_layer(p_a, p_b, index_a, index_b, rank, l):

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 import mos_jax
+from oracles.helpers import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
-PACKAGE = ROOT / "mos_jax"
+PACKAGE = REPO_ROOT / "mos_jax"
 SRC = PACKAGE / "_src"
 
 #: Which ``_src`` units each unit may import (besides itself): ``errors`` and ``io`` at the bottom,
@@ -67,8 +67,8 @@ def test_units_import_only_downward():
       if parts[0] != "mos_jax":
         continue
       target = _src_units(name)
-      assert target is not None, f"{path.relative_to(ROOT)} imports {name}: inside _src, import from _src"
-      assert target == unit or target in ALLOWED[unit], f"{path.relative_to(ROOT)} ({unit}) imports {name}"
+      assert target is not None, f"{path.relative_to(REPO_ROOT)} imports {name}: inside _src, import from _src"
+      assert target == unit or target in ALLOWED[unit], f"{path.relative_to(REPO_ROOT)} ({unit}) imports {name}"
 
 
 def test_core_source_never_imports_flax():
@@ -87,22 +87,22 @@ def test_public_packages_only_reexport_from_src():
         continue
       if isinstance(node, ast.ImportFrom):
         ok = node.module.startswith("mos_jax._src.") or (node.module == "mos_jax" and path.parent == PACKAGE)
-        assert ok, f"{path.relative_to(ROOT)} imports from {node.module}"
+        assert ok, f"{path.relative_to(REPO_ROOT)} imports from {node.module}"
         continue
       targets = [t.id for t in getattr(node, "targets", [])] + [getattr(getattr(node, "target", None), "id", None)]
       assert {"__all__", "__version__"} & set(targets), \
-          f"{path.relative_to(ROOT)}:{node.lineno}: a public package only re-exports (no code, no constants)"
+          f"{path.relative_to(REPO_ROOT)}:{node.lineno}: a public package only re-exports (no code, no constants)"
 
 
 def test_nothing_outside_the_package_imports_src():
   for folder in ("tests", "experiments"):
-    for path in (ROOT / folder).rglob("*.py"):
+    for path in (REPO_ROOT / folder).rglob("*.py"):
       bad = [n for n in _imports(path) if n.split(".")[:2] == ["mos_jax", "_src"] or
              (n.startswith("mos_jax.") and any(p.startswith("_") for p in n.split(".")[1:]))]
-      assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+      assert not bad, f"{path.relative_to(REPO_ROOT)} imports {bad}"
       # Nor through a string (a script run in a subprocess, importlib).
       assert path == Path(__file__) or "mos_jax._src" not in path.read_text(), \
-          f"{path.relative_to(ROOT)} names mos_jax._src"
+          f"{path.relative_to(REPO_ROOT)} names mos_jax._src"
 
 
 def test_core_runs_without_flax():
@@ -149,7 +149,7 @@ def test_root_is_backend_neutral():
 
 @pytest.mark.xfail(strict=False, reason="the README is being cut to <= 200 lines in parallel")
 def test_readme_is_short(capsys):
-  lines = len((ROOT / "README.md").read_text().splitlines())
+  lines = len((REPO_ROOT / "README.md").read_text().splitlines())
   with capsys.disabled():
     print(f"\nREADME.md: {lines} lines (at most 200)")
   assert lines <= 200

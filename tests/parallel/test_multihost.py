@@ -18,16 +18,14 @@ import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import mos_jax
-from helpers import assert_close
+from oracles.helpers import REPO_ROOT, assert_close
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "experiments" / "configs" / "tiny_sharded.py"
+CONFIG = REPO_ROOT / "experiments" / "configs" / "tiny_sharded.py"
 TIMEOUT = 300
 PREEMPTED = 143  # experiments.train_sharded.PREEMPTED_EXIT
 
@@ -53,7 +51,7 @@ def processes(commands, logs=None, envs=None):
   """Children in their own sessions; output to pipes, or to the files ``logs`` (long runs fill pipes)."""
   files = [open(log, "w") for log in logs] if logs else None
   procs = [subprocess.Popen(c, stdout=files[i] if files else subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=envs[i] if envs else env(), cwd=ROOT, start_new_session=True)
+                            env=envs[i] if envs else env(), cwd=REPO_ROOT, start_new_session=True)
            for i, c in enumerate(commands)]
   try:
     yield procs

@@ -8,11 +8,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import mos_jax
-from conftest import hf_numerics
 from mos_jax import MoSConfig
 from mos_jax.parallel import (MeshConfig, base_shardings, base_spec, batch_sharding, init_opt_state, make_mesh,
                               pool_shardings)
-from helpers import assert_close
+from oracles.helpers import assert_close, hf_numerics
 
 IDS = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(8, 9)), jnp.int32)
 
@@ -37,7 +36,7 @@ def run_steps(step, adapter, opt_state, params, batch, n=3):
 def reference(tiny_llama):
   adapter = mos_jax.adapt(tiny_llama.params, MoSConfig(rank=4, equivalent_rank=1, shards_per_vector=2))
   optimizer = optax.adamw(1e-2)
-  step = mos_jax.make_train_step(lm_loss(tiny_llama), optimizer)
+  step = mos_jax.linen.make_train_step(lm_loss(tiny_llama), optimizer)
   trained = adapter.replace(pools=jax.tree_util.tree_map(jnp.copy, adapter.pools))  # the step donates it
   trained, losses = run_steps(step, trained, optimizer.init(trained), tiny_llama.params, IDS)
   return adapter, optimizer, jax.tree_util.tree_map(np.asarray, trained.pools), losses
@@ -54,12 +53,12 @@ def test_sharded_step_matches_single_device(tiny_llama, reference, shape, follow
   params = jax.device_put(tiny_llama.params, params_sharding)
   trained = jax.device_put(adapter.replace(pools=jax.tree_util.tree_map(jnp.copy, adapter.pools)), pools_sharding)
   opt_state, opt_sharding = init_opt_state(optimizer, trained, mesh)
-  step = mos_jax.make_train_step(
+  step = mos_jax.linen.make_train_step(
       lm_loss(tiny_llama), optimizer, trainable_sharding=pools_sharding, opt_state_sharding=opt_sharding,
       params_sharding=params_sharding, batch_sharding=batch_sharding(mesh))
   batch = jax.device_put(IDS, batch_sharding(mesh))
   trained, losses = run_steps(step, trained, opt_state, params, batch)
-  assert trained.routing == adapter.routing
+  assert trained.spec == adapter.spec
   assert_close(losses, ref_losses, rtol=1e-5)
   for name, entry in trained.pools.items():
     for factor, value in entry.items():
@@ -105,7 +104,7 @@ def test_pool_shardings_follow_base(tiny_llama):
   mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
   replicated = pool_shardings(adapter, mesh)
   # An Adapter-shaped tree: same structure (static routing included) as the adapter it places.
-  assert isinstance(replicated, mos_jax.Adapter) and replicated.routing == adapter.routing
+  assert isinstance(replicated, mos_jax.Adapter) and replicated.spec == adapter.spec
   assert jax.tree_util.tree_structure(replicated) == jax.tree_util.tree_structure(adapter)
   assert all(s.spec == P() for g in replicated.pools.values() for s in g.values())
   placed = jax.device_put(adapter, replicated)
@@ -129,4 +128,4 @@ def test_bad_mesh_configs(config, message):
 def test_sharded_step_needs_all_four_shardings():
   mesh = make_mesh(MeshConfig(data=8))
   with pytest.raises(ValueError, match="all four shardings"):
-    mos_jax.make_train_step(lambda params, batch: 0.0, optax.sgd(0.1), batch_sharding=batch_sharding(mesh))
+    mos_jax.linen.make_train_step(lambda params, batch: 0.0, optax.sgd(0.1), batch_sharding=batch_sharding(mesh))

@@ -18,16 +18,16 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-TPU = ROOT / "tpu"
+from oracles.helpers import REPO_ROOT
+
+TPU = REPO_ROOT / "tpu"
 SCRIPTS = sorted(TPU.glob("*.sh"))
 
 FAKE_GCLOUD = r'''#!PYTHON
-"""A fake gcloud for tests/test_tpu_scripts.py (see there)."""
+"""A fake gcloud for tests/tpu/test_scripts.py (see there)."""
 import json, os, shutil, subprocess, sys
 from pathlib import Path
 
@@ -223,14 +223,14 @@ def test_launch_runs_the_entry_point_through_the_worker_helper():
   assert "--worker=all" in line
   assert remote_command(line) == ("bash ~/mos_jax/tpu/worker.sh launch experiments/configs/tiny_sharded.py gs://b/run "
                                   "--hf-model ~/models/Llama-2-7b-hf --steps 20")
-  assert (ROOT / "experiments" / "configs" / "tiny_sharded.py").exists()
+  assert (REPO_ROOT / "experiments" / "configs" / "tiny_sharded.py").exists()
 
 
 def test_default_config_is_the_7b_run_and_loads():
   from experiments.train_sharded import load_config
 
   default = re.search(r'CONFIG:=([^}]+)}', (TPU / "common.sh").read_text()).group(1)
-  cfg = load_config(str(ROOT / default))
+  cfg = load_config(str(REPO_ROOT / default))
   assert cfg.hf_model == "meta-llama/Llama-2-7b-hf" and cfg.seq_len == 512
 
 
@@ -259,7 +259,7 @@ def test_setup_installs_python311_venv_once_then_ships_code_only(fake):
   assert first.stdout.count("setup: installed") == 2
   for i in range(2):
     venv = fake.home(i) / "mos_jax" / ".venv"
-    stamp = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + b"jax[tpu]==0.10.2\n").hexdigest()
+    stamp = hashlib.sha256((REPO_ROOT / "pyproject.toml").read_bytes() + b"jax[tpu]==0.10.2\n").hexdigest()
     assert (venv / ".mos-tpu-installed").read_text().strip() == stamp
     assert (fake.home(i) / "mos_jax" / "experiments" / "train_sharded.py").exists()
     assert fake.worker_status(i) == "IDLE"

@@ -1,16 +1,11 @@
-"""Orbax training checkpoints: round trips, retention, resharding, identity, corruption, crashes, resume."""
+"""Orbax training checkpoints (TrainCheckpointer): round trips, retention, resharding, identity, corruption, crashes."""
 
-import dataclasses
-import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
-from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,40 +14,20 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from transformers import FlaxLlamaForCausalLM, LlamaConfig
 
-import mos_jax
-from conftest import hf_numerics
-from experiments.lib import classification, loop
-from experiments.lib.config import TrainConfig
-from helpers import random_pools
-from mos_jax import MoSConfig, adapt
-from mos_jax.core import adapter_identity
-from mos_jax.train import CheckpointCorruptError, CheckpointMismatchError, TrainCheckpointer
-from test_trainer import cfg as trainer_cfg, toy_data
+from mos_jax import CorruptError, MismatchError, MoSConfig, adapt
+from mos_jax.train import TrainCheckpointer, adapter_identity
+from oracles.helpers import (PRE_RESTRUCTURE, REPO_ROOT, assert_trees_equal, checkpoint_entries, hf_numerics,
+                             pre_restructure_adapter, random_pools)
+
 
 # Reading damaged files makes TensorStore complete futures after Orbax closed their event loop;
 # asyncio reports that as an unraisable "Event loop is closed" error. Nothing is lost.
 pytestmark = pytest.mark.filterwarnings(
     "ignore:(?s)Exception ignored in.*Event loop is closed:pytest.PytestUnraisableExceptionWarning")
 
-ROOT = Path(__file__).resolve().parents[1]
 QUARANTINE = "corrupt"  # TrainCheckpointer's folder for unreadable steps (its documented <directory>/corrupt/)
 LOCK = ".writer.lock"  # its documented writer lock file
 MOS = MoSConfig(rank=4, equivalent_rank=1, shards_per_vector=2)  # N = 1·4·2 = 8 shards: splits over 8 devices
-
-
-def entries(folder):
-  """The folder's entries but the writer's lock file, sorted."""
-  return sorted(p.name for p in folder.iterdir() if p.name != LOCK)
-
-
-def assert_trees_equal(a, b):
-  """Same structure, dtypes and bits (typed PRNG keys compared through their key data)."""
-  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      x, y = jax.random.key_data(x), jax.random.key_data(y)
-    assert x.dtype == y.dtype
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def train_state(adapter, seed=0):
@@ -98,7 +73,7 @@ def test_saves_every_n_and_keeps_the_last_k(llama_adapter, tmp_path):
     assert ckpt.save(7, state, force=True)  # e.g. on SIGTERM or at the last step
     ckpt.wait()
     assert ckpt.all_steps() == [6, 7] and ckpt.latest_step() == 7
-  assert entries(tmp_path) == ["6", "7"]
+  assert checkpoint_entries(tmp_path) == ["6", "7"]
 
 
 @pytest.mark.parametrize("saved, restored", [(P(), P("x")), (P("x"), P())])
@@ -133,7 +108,7 @@ def test_refuses_another_seed_config_or_model(tiny_llama, llama_adapter, tmp_pat
 
   other_seed = adapt(params, MoSConfig(rank=4, equivalent_rank=1, shards_per_vector=2, seed=1))
   with checkpointer(tmp_path, other_seed, params) as ckpt:
-    with pytest.raises(CheckpointMismatchError) as err:
+    with pytest.raises(MismatchError) as err:
       ckpt.restore(state)
   assert "mos_config.seed: the checkpoint has 0, this run has 1" in str(err.value)
   assert "routing_sha256" in str(err.value)
@@ -141,7 +116,7 @@ def test_refuses_another_seed_config_or_model(tiny_llama, llama_adapter, tmp_pat
   # Same seed, another budget: config and the pool shapes both differ.
   bigger = adapt(params, MoSConfig(rank=4, equivalent_rank=2, shards_per_vector=2))
   with checkpointer(tmp_path, bigger, params) as ckpt:
-    with pytest.raises(CheckpointMismatchError) as err:
+    with pytest.raises(MismatchError) as err:
       ckpt.restore(train_state(bigger))
   message = str(err.value)
   assert "mos_config.equivalent_rank: the checkpoint has 1, this run has 2" in message
@@ -153,7 +128,7 @@ def test_refuses_another_seed_config_or_model(tiny_llama, llama_adapter, tmp_pat
     wider = FlaxLlamaForCausalLM(LlamaConfig(**{**tiny_llama.config.to_dict(), "hidden_size": 64}), seed=0)
   other_model = adapt(wider.params, MOS)
   with checkpointer(tmp_path, other_model, wider.params) as ckpt:
-    with pytest.raises(CheckpointMismatchError) as err:
+    with pytest.raises(MismatchError) as err:
       ckpt.restore(train_state(other_model))
   message = str(err.value)
   assert "groups[model/layers/*/self_attn/q_proj].kernel_shape: the checkpoint has [32, 32], this run has [64, 64]" \
@@ -161,7 +136,7 @@ def test_refuses_another_seed_config_or_model(tiny_llama, llama_adapter, tmp_pat
   assert "base_model[model/embed_tokens/embedding]: the checkpoint has [[64, 32], 'float32'], " \
          "this run has [[64, 64], 'float32']" in message
   # Refusals never move or delete the (good) checkpoint.
-  assert entries(tmp_path) == ["1"]
+  assert checkpoint_entries(tmp_path) == ["1"]
 
 
 def _delete_arrays(step_dir):
@@ -194,7 +169,7 @@ def test_damaged_latest_step_falls_back_to_the_previous(llama_adapter, tmp_path,
 
   with checkpointer(tmp_path, llama_adapter) as ckpt:
     assert ckpt.all_steps() == [2, 4]  # the damage is only visible on reading
-    with pytest.raises(CheckpointCorruptError, match="Step 4"):
+    with pytest.raises(CorruptError, match="Step 4"):
       ckpt.restore(states[4], step=4)  # an explicit step never falls back
     with caplog.at_level(logging.WARNING, logger="mos_jax"):
       restored = ckpt.restore(states[4])
@@ -215,7 +190,7 @@ def test_every_step_damaged_raises(llama_adapter, tmp_path):
     ckpt.save(1, state)
   _delete_arrays(tmp_path / "1")
   with checkpointer(tmp_path, llama_adapter) as ckpt:
-    with pytest.raises(CheckpointCorruptError, match="No checkpoint .* could be restored"):
+    with pytest.raises(CorruptError, match="No checkpoint .* could be restored"):
       ckpt.restore(state)
     assert ckpt.all_steps() == [1]  # nothing was proven good, so nothing is set aside
 
@@ -251,10 +226,10 @@ print("unreachable")
 def test_crash_during_save_leaves_no_complete_step(tmp_path, when):
   path = tmp_path / "ckpt"
   script = CRASH_SCRIPT.format(path=str(path), when=when)
-  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT,
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 17, proc.stderr[-2000:]
-  leftovers = [name for name in entries(path) if name != "1"]
+  leftovers = [name for name in checkpoint_entries(path) if name != "1"]
   assert len(leftovers) == 1 and leftovers[0].startswith("2.orbax-checkpoint-tmp"), leftovers
   # At the commit every file is there; only the rename that makes it a step is missing.
   assert (path / leftovers[0] / "state" / "commit_success.txt").exists() == (when == "commit")
@@ -268,135 +243,18 @@ def test_crash_during_save_leaves_no_complete_step(tmp_path, when):
     ckpt.save(2, like)
     ckpt.wait()
     assert ckpt.all_steps() == [1, 2]
-  assert entries(path) == ["1", "2"]  # the stale temp folder is gone
+  assert checkpoint_entries(path) == ["1", "2"]  # the stale temp folder is gone
 
 
-# --- resuming the experiments' training loop ---------------------------------------------
-
-
-class Block(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return jnp.tanh(nn.Dense(8, name="proj")(x))
-
-
-class Blocks(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    for i in range(3):
-      x = Block(name=f"{i}")(x) if i == 0 else x + Block(name=f"{i}")(x)
-    return nn.Dense(1, name="head")(x)
-
-
-class ToyModel(nn.Module):
-  """Dense layers at ``layers/<i>/proj``, named like HF models' so MoS finds them."""
-
-  @nn.compact
-  def __call__(self, x):
-    return Blocks(name="layers")(x)
-
-
-TOY_MOS = MoSConfig(rank=2, equivalent_rank=1, shards_per_vector=2, target_modules=("proj",), dropout=0.2)
-
-
-def toy_problem():
-  model = ToyModel()
-  params = model.init(jax.random.key(0), jnp.zeros((1, 8)))["params"]
-  adapter = adapt(params, TOY_MOS)
-
-  def loss_fn(adapter, params, batch, rng):
-    with mos_jax.inject(adapter, dropout_rng=rng):
-      pred = model.apply({"params": params}, batch["x"])
-    return jnp.mean((pred[:, 0] - batch["y"]) ** 2)
-
-  return params, adapter, loss_fn
-
-
-class ToyBatches:
-  """Random regression batches from a NumPy generator: state that a resume must restore."""
-
-  def __init__(self, *, kill_at=None):
-    self.rng, self.kill_at = np.random.default_rng(0), kill_at
-
-  def __call__(self, step):
-    if step == self.kill_at:
-      os.kill(os.getpid(), signal.SIGTERM)  # arrives while step `kill_at` runs
-    x = self.rng.normal(size=(16, 8)).astype(np.float32)
-    return {"x": x, "y": np.sin(x.sum(1))}, 16
-
-
-class StatefulToyBatches(ToyBatches):
-  def get_state(self):
-    return self.rng.bit_generator.state
-
-  def set_state(self, state):
-    self.rng.bit_generator.state = state
-
-
-def run_fit(tmp_path, batches, **kw):
-  params, adapter, loss_fn = toy_problem()
-  cfg = TrainConfig(**{"mos": TOY_MOS, "lr": 3e-2, "steps": 7, "eval_every": 3, "progress": False,
-                       "out_dir": str(tmp_path), **kw})
-  # The trainable pytree is the adapter itself (its leaves are the pools); fit checkpoints its identity.
-  return loop.fit(loss_fn, adapter, params, batches, cfg,
-                  evaluate=lambda adapter: {"eval_norm": float(optax.tree.norm(adapter))})
-
-
-@pytest.mark.parametrize("batches", [ToyBatches, StatefulToyBatches], ids=["replayed", "stateful"])
-def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, batches):
-  full = run_fit(tmp_path / "full", batches())
-  run = tmp_path / "run"
-  with pytest.raises(loop.Interrupted) as stop:
-    run_fit(run, batches(kill_at=4), checkpoint_every=3)
-  assert stop.value.step == 4 and stop.value.code == 143
-  assert entries(run / "checkpoints") == ["3", "4"]
-  with open(run / "metrics.jsonl", "a") as log:  # a row after the checkpoint, lost with the "crash"
-    log.write(json.dumps({"step": 5, "loss": -1.0}) + "\n")
-
-  resumed = run_fit(run, batches(), checkpoint_every=3, resume=True)
-  assert [m["step"] for m in resumed["metrics"]] == list(range(1, 8))
-  assert [m["loss"] for m in resumed["metrics"]] == [m["loss"] for m in full["metrics"]]
-  assert [m.get("eval_norm") for m in resumed["metrics"]] == [m.get("eval_norm") for m in full["metrics"]]
-  assert_trees_equal(resumed["trainable"], full["trainable"])
-  logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in logged] == list(range(1, 8))
-  # The losses differ between steps, so equal lists are not a coincidence of a constant loss.
-  assert len({m["loss"] for m in full["metrics"]}) == 7
-
-
-def test_existing_checkpoints_need_resume(tmp_path):
-  run_fit(tmp_path, ToyBatches(), checkpoint_every=3)
-  with pytest.raises(FileExistsError, match="resume=True"):
-    run_fit(tmp_path, ToyBatches(), checkpoint_every=3)
-  with pytest.raises(ValueError, match="checkpoint_every"):
-    TrainConfig(mos=TOY_MOS, resume=True)
-
-
-def test_train_resumes_from_a_mid_run_checkpoint_and_refuses_another_seed(tiny_bert, tmp_path):
-  data, held_out = toy_data(24), toy_data(8, seed=1)
-  kw = dict(steps=4, eval_every=4, checkpoint_every=2, out_dir=str(tmp_path / "a"))
-  full = classification.train(tiny_bert, tiny_bert.params, data, held_out, trainer_cfg(tmp_path, **kw))
-  # Keep only the step-2 checkpoint, as if the run had died during step 3.
-  run = tmp_path / "b"
-  shutil.copytree(tmp_path / "a", run)
-  shutil.rmtree(run / "checkpoints" / "4")
-  cfg = trainer_cfg(tmp_path, **{**kw, "out_dir": str(run), "resume": True})
-  resumed = classification.train(tiny_bert, tiny_bert.params, data, held_out, cfg)
-  assert [m["loss"] for m in resumed["metrics"]] == [m["loss"] for m in full["metrics"]]
-  assert_trees_equal(resumed["trainable_state"], full["trainable_state"])
-
-  other = trainer_cfg(tmp_path, **{**kw, "out_dir": str(run), "resume": True})
-  other = dataclasses.replace(other, mos=dataclasses.replace(other.mos, seed=5))
-  with pytest.raises(CheckpointMismatchError, match=r"train\.mos\.seed: the checkpoint has 0, this run has 5"):
-    classification.train(tiny_bert, tiny_bert.params, data, held_out, other)
-
-
-@pytest.mark.slow
-def test_resume_demo_survives_an_external_sigterm(tmp_path):
-  """A real preemption: another process sends SIGTERM; the resumed run matches bit for bit."""
-  out = subprocess.run([sys.executable, "-m", "experiments.resume_demo", "--steps", "40",
-                        "--kill-after", "15", "--every", "5", "--out", str(tmp_path / "demo")],
-                       capture_output=True, text=True, timeout=900, cwd=ROOT)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "per-step losses identical to the unbroken run: True (40 steps)" in out.stdout
-  assert "max |resumed - unbroken|: 0\n" in out.stdout
+def test_a_checkpoint_written_before_the_restructure_restores(tmp_path):
+  """The identity of an adapter (config, routing version and digest, groups, base layout) kept its keys."""
+  params, adapter = pre_restructure_adapter()
+  opt = optax.adam(1e-3)
+  like = {"adapter": adapter, "opt_state": opt.init(adapter), "step": jnp.asarray(0)}
+  path = tmp_path / "ckpt"
+  shutil.copytree(PRE_RESTRUCTURE / "checkpoint", path)
+  with checkpointer(path, adapter, params, read_only=True) as ckpt:
+    restored = ckpt.restore(like)
+  assert restored.step == 5 and restored.data_state == {"position": 5}
+  assert_trees_equal(restored.state, {**like, "step": jnp.asarray(5)})
+  assert restored.state["adapter"].spec == adapter.spec

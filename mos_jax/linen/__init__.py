@@ -7,25 +7,26 @@ params-level verbs of the root serve linen directly.
 
 The verbs, the same job under the same name in each backend:
 
-=================  ==========================================  ===========================================
-verb               linen (params + an ``Adapter`` value)       NNX (an adapted model)
-=================  ==========================================  ===========================================
-adapt              ``mos_jax.adapt(params, config)`` -> Adapter  ``mos_jax.nnx.adapt(model, config)`` -> model
-dry_run            ``mos_jax.dry_run(params, config)``          (to come)
-merge              ``mos_jax.merge(params, adapter)`` -> params ``mos_jax.nnx.merge(model)`` -> plain model
-kernel_layouts     ``kernel_layouts(fn, *args)``;               (read from the modules by ``adapt``)
-                   HF: ``mos_jax.hf.kernel_layouts(model)``
-inject             ``with inject(adapter): model.apply(...)``   (the adapted model applies its terms)
-make_train_step    ``make_train_step(loss_fn, optimizer)``      ``mos_jax.train.make_step`` over ``unbind``/``bind``
-adapter_of         (the adapter is already a value)             ``adapter_of(model)`` -> Adapter
-load_pools         (replace the value)                          ``load_pools(model, adapter)``, in place
-unbind / bind      (not needed)                                 ``unbind(model)``; ``bind(graphdef, adapter, state)``
-=================  ==========================================  ===========================================
+===============  ============================================  ================================================
+verb             linen (params + an ``Adapter`` value)         NNX (an adapted model)
+===============  ============================================  ================================================
+adapt            ``mos_jax.adapt(params, config)`` -> Adapter  ``mos_jax.nnx.adapt(model, config)`` -> model
+dry_run          ``mos_jax.dry_run(params, config)``           (to come)
+merge            ``mos_jax.merge(params, adapter)`` -> params  ``mos_jax.nnx.merge(model)`` -> plain model
+kernel_layouts   ``kernel_layouts(fn, *args)``;                (read from the modules by ``adapt``)
+                 HF: ``mos_jax.hf.kernel_layouts(model)``
+inject           ``with inject(adapter): ...``                 (the adapted model applies its terms)
+make_train_step  ``make_train_step(loss_fn, optimizer)``       ``mos_jax.train.make_step`` over unbind/bind
+adapter_of       (the adapter is already a value)              ``adapter_of(model)`` -> Adapter (a copy)
+load_pools       (replace the value)                           ``load_pools(model, adapter)``, in place
+unbind / bind    (not needed)                                  ``unbind(model)`` -> (graphdef, adapter, state);
+                                                               ``bind(graphdef, adapter, state)`` -> model
+===============  ============================================  ================================================
 """
 
 # Applying an adapter.
 from mos_jax._src.linen.inject import inject  # Context manager: adds every adapted layer's low-rank term.
-from mos_jax._src.linen.inject import with_factors  # Params with stacked groups' factors beside their kernels (nn.scan).
+from mos_jax._src.linen.inject import with_factors  # Params with stacked factors beside their kernels (nn.scan).
 from mos_jax._src.linen.inject import kernel_layouts  # How each kernel layer a function calls applies its kernel.
 # Training.
 from mos_jax._src.linen.inject import adapted_loss  # A base-model loss turned into a loss of the adapter.

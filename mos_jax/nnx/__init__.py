@@ -7,20 +7,21 @@ wrappers; the pools are ``nnx.LoRAParam`` (select them by type, as with
 The verbs, the same job under the same name in each backend (linen works on
 params and an ``Adapter`` value, NNX on the adapted model itself):
 
-=================  ============================================  ============================================
-verb               NNX (an adapted model)                        linen (params + an ``Adapter`` value)
-=================  ============================================  ============================================
-adapt              ``adapt(model, config)`` -> adapted model     ``mos_jax.adapt(params, config)`` -> Adapter
-dry_run            (to come)                                     ``mos_jax.dry_run(params, config)``
-merge              ``merge(model)`` -> plain model with ΔW       ``mos_jax.merge(params, adapter)`` -> params
-kernel_layouts     (read from the modules by ``adapt``)          ``mos_jax.linen.kernel_layouts(fn, *args)``
-inject             (the adapted model applies its terms)         ``with mos_jax.linen.inject(adapter): ...``
-make_train_step    ``mos_jax.train.make_step`` over unbind/bind  ``mos_jax.linen.make_train_step(loss_fn, opt)``
-adapter_of         ``adapter_of(model)`` -> Adapter (a copy)     (the adapter is already a value)
-load_pools         ``load_pools(model, adapter)``, in place      (replace the value)
-unbind / bind      ``unbind(model)`` -> (graphdef, adapter,      (not needed)
-                   state); ``bind(graphdef, adapter, state)``
-=================  ============================================  ============================================
+===============  ================================================  =====================================================
+verb             NNX (an adapted model)                            linen (params + an ``Adapter`` value)
+===============  ================================================  =====================================================
+adapt            ``adapt(model, config)`` -> model                 ``mos_jax.adapt(params, config)`` -> Adapter
+dry_run          (to come)                                         ``mos_jax.dry_run(params, config)``
+merge            ``merge(model)`` -> plain model                   ``mos_jax.merge(params, adapter)`` -> params
+kernel_layouts   (read from the modules by ``adapt``)              ``mos_jax.linen.kernel_layouts(fn, *args)``;
+                                                                   HF: ``mos_jax.hf.kernel_layouts(model)``
+inject           (the adapted model applies its terms)             ``with mos_jax.linen.inject(adapter): ...``
+make_train_step  ``mos_jax.train.make_step`` over unbind/bind      ``mos_jax.linen.make_train_step(loss_fn, optimizer)``
+adapter_of       ``adapter_of(model)`` -> Adapter (a copy)         (the adapter is already a value)
+load_pools       ``load_pools(model, adapter)``, in place          (replace the value)
+unbind / bind    ``unbind(model)`` -> (graphdef, adapter, state);  (not needed)
+                 ``bind(graphdef, adapter, state)`` -> model
+===============  ================================================  =====================================================
 
 ``merge`` here folds the adapter into the model (``mos_jax.merge``'s job); it is
 not ``flax.nnx.merge``. ``unbind``/``bind`` are named apart from ``flax.nnx.split``

@@ -129,7 +129,8 @@ def test_option_validation_and_dtype_bits(llama2_7b):
     estimate_memory(llama2_7b, cfg, base_dtype="float7")
   # The base's bytes count each dtype's bits (nf4: 4, constants excluded).
   n = estimate_memory(llama2_7b, cfg).base_params
-  bits = [8 * estimate_memory(llama2_7b, cfg, base_dtype=d).base_bytes / n for d in ("float32", "bfloat16", "int8", "nf4")]
+  bits = [8 * estimate_memory(llama2_7b, cfg, base_dtype=d).base_bytes / n
+          for d in ("float32", "bfloat16", "int8", "nf4")]
   assert bits == [32, 16, 8, 4]
 
 

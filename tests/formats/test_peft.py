@@ -1,4 +1,4 @@
-"""PEFT LoRA export: the layout PyTorch PEFT reads, exact factors, whole-folder replaces, a manifest (PEFT in PyTorch, slow)."""
+"""PEFT LoRA export: the layout PEFT reads, exact factors, whole-folder replaces, a manifest (PyTorch PEFT: slow)."""
 
 import json
 

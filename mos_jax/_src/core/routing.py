@@ -1,4 +1,4 @@
-"""The static half of an adapter (:class:`AdapterSpec`) and its routing: which pool shards build each layer's ``A``, ``B``."""
+"""An adapter's static half (:class:`AdapterSpec`) and its routing: the pool shards of each layer's ``A`` and ``B``."""
 
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ ROUTING_VERSION = "mos-routing-v1"
 class AdapterSpec:
   """The static half of an :class:`~mos_jax.Adapter`: config, groups, routing index arrays and routing version.
 
-  Everything about an adapter except its trainable pools. Never traced: index arrays are NumPy and enter jitted code as constants.
-  Equal (and hashing equal) when config, groups, version and index arrays are,
-  so it is the static part of :class:`mos_jax.Adapter`'s pytree: a jitted
-  function is not recompiled for a new adapter value with the same spec.
+  Everything about an adapter except its trainable pools. Never traced: index arrays are NumPy and
+  enter jitted code as constants. Equal (and hashing equal) when config, groups, version and index
+  arrays are, so it is the static part of :class:`mos_jax.Adapter`'s pytree: a jitted function is not
+  recompiled for a new adapter value with the same spec.
 
   Attributes:
     config: the adapter config.

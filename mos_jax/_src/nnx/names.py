@@ -1,4 +1,4 @@
-"""Names of Tunix models' layers: the ones MoS targets, and their PyTorch (HF ``transformers``) names for PEFT export."""
+"""Names of Tunix models' layers: those MoS targets, and their PyTorch (HF ``transformers``) names for PEFT export."""
 
 from __future__ import annotations
 

@@ -411,7 +411,7 @@ def dequantized_dense(*, recompute: bool = True) -> Iterator[None]:
   XLA:CPU removes its optimization barriers and CSE merges the recomputation
   back into the forward pass.)
 
-  With :func:`mos_jax.make_train_step`, enter it inside ``loss_fn``: Flax runs
+  With :func:`mos_jax.linen.make_train_step`, enter it inside ``loss_fn``: Flax runs
   the outermost interceptor first, so the adapter's injection (entered around
   ``loss_fn``) wraps this one and still adds its low-rank term.
 

@@ -179,7 +179,7 @@ class TrainCheckpointer:
   Args:
     directory: the checkpoint folder (created if missing).
     identity: JSON dict that a checkpoint must match to be restored, e.g.
-      ``{"adapter": mos_jax.core.adapter_identity(adapter), "train": {...}}``.
+      ``{"adapter": mos_jax.train.adapter_identity(adapter), "train": {...}}``.
     save_every: :meth:`save` writes only at multiples of this (unless forced).
     keep: how many most recent steps to keep; ``None`` keeps all.
     async_save: write in a background thread; :meth:`save` returns once the

@@ -72,10 +72,11 @@ def test_merge_touches_only_targets_and_unmerge_restores(tiny_llama):
   np.testing.assert_array_equal(np.asarray(layers["2"]["self_attn"]["k_proj"]["kernel"]),
                                 np.asarray(base["2"]["self_attn"]["k_proj"]["kernel"]))
   restored = unmerge(merged, adapter)
-  # (W + ΔW) - ΔW rounds in float32 at the scale of W + ΔW, not of W: the error is measured there.
-  for x, y, m in zip(*(jax.tree_util.tree_leaves(t) for t in (restored, tiny_llama.params, merged))):
-    x, y, m = (np.asarray(v, np.float64) for v in (x, y, m))
-    assert np.abs(x - y).max() <= 1e-5 * np.abs(m).max(), (np.abs(x - y).max(), np.abs(m).max())
+  # W + ΔW - ΔW rounds at the scale of the merged kernel, not of W: compare against that scale.
+  jax.tree_util.tree_map(
+      lambda x, y, m: np.testing.assert_array_less(np.abs(np.asarray(x) - np.asarray(y)).max(),
+                                                   1e-5 * max(np.abs(np.asarray(m)).max(), 1e-30)),
+      restored, tiny_llama.params, merged)
 
 
 def test_merge_keeps_kernel_dtype(tiny_llama):

@@ -44,6 +44,7 @@ from mos_jax._src.core.memory import MemoryEstimate  # What estimate_memory retu
 from mos_jax._src.core.stack import AdapterStack  # K adapters of one model stacked along a leading axis.
 from mos_jax._src.core.stack import stack_adapters  # Stacks adapters made for the same model and shapes.
 from mos_jax._src.core.stack import row_factors  # Each batch row's (A, B) for one layer, gathered from a stack.
+from mos_jax._src.core.stack import plan_rows  # Checks a batch's adapter ids (any integer dtype) into a RowPlan.
 # Errors.
 from mos_jax._src.errors import MismatchError  # Made for another model, config, spec or state layout.
 from mos_jax._src.errors import CorruptError  # A file or checkpoint that cannot be read back as written.
@@ -53,6 +54,6 @@ __all__ = [
     "Adapter", "AdapterSpec", "ROUTING_VERSION", "make_spec", "find_groups", "Group", "KernelLayout", "path_str",
     "adapt", "dry_run", "summary", "assemble", "layer_factors", "low_rank_term", "delta_weight", "merge", "unmerge",
     "count_params", "trainable_count", "estimate_memory", "MemoryEstimate",
-    "AdapterStack", "stack_adapters", "row_factors",
+    "AdapterStack", "stack_adapters", "row_factors", "plan_rows",
     "MismatchError", "CorruptError",
 ]

@@ -35,6 +35,11 @@ from mos_jax._src.nnx.adapt import load_pools  # Writes an adapter's pools into 
 from mos_jax._src.nnx.adapt import unbind  # (graphdef, adapter, state) of an adapted model, to train the Adapter value.
 from mos_jax._src.nnx.adapt import bind  # The model of unbind with an (optionally traced) adapter's pools.
 from mos_jax._src.nnx.adapt import mos_layers  # (keys, layer) of every MoSLayer of a model.
+from mos_jax._src.nnx.serving import adapt_multi  # A copy of a base model whose rows each run their own adapter.
+from mos_jax._src.nnx.serving import set_adapter_ids  # Names each row's adapter (checked on the host), in place.
+from mos_jax._src.nnx.serving import load_stack  # Writes another stack of the same shapes into a served model.
+from mos_jax._src.nnx.serving import serve  # Generates a mixed batch through Tunix's Sampler, ids checked first.
+from mos_jax._src.nnx.serving import MultiMoSLayer  # A base layer plus each row's own adapter term.
 from mos_jax._src.nnx.discover import kernel_modules  # Every module of a model that owns a kernel, with its layout.
 from mos_jax._src.nnx.layers import MoSLayer  # A base layer plus its MoS low-rank term.
 from mos_jax._src.nnx.layers import MoSModel  # The root of a model with stacked (nnx.scan) groups.
@@ -42,4 +47,5 @@ from mos_jax._src.nnx.names import GEMMA3_TARGETS  # The attention and MLP proje
 from mos_jax._src.nnx.names import PEFT_NAMES  # export_peft name rules for Tunix models, by family.
 
 __all__ = ["adapt", "merge", "adapter_of", "load_pools", "unbind", "bind", "mos_layers", "kernel_modules",
-           "MoSLayer", "MoSModel", "GEMMA3_TARGETS", "PEFT_NAMES"]
+           "MoSLayer", "MoSModel", "GEMMA3_TARGETS", "PEFT_NAMES",
+           "adapt_multi", "set_adapter_ids", "load_stack", "serve", "MultiMoSLayer"]

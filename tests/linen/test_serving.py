@@ -159,3 +159,88 @@ def test_serve_checks_ids_on_the_host_before_dispatch(tiny_llama, adapters):
   assert not calls  # nothing was dispatched
   out = checked(stack, np.array([2, -1, 0], np.int32), input_ids)
   assert len(calls) == 1 and np.isfinite(np.asarray(out)).all()
+
+
+def _rows_and_tokens(ids, seed=2):
+  return np.random.default_rng(seed).integers(0, 64, size=(len(ids), 6)).astype(np.int32)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.int8, np.int16, np.int64])
+def test_any_integer_id_dtype_serves_the_same_rows(tiny_llama, adapters, dtype):
+  """Issue 20.3: unsigned ids (all valid) made every row NaN, eager, under jit and through serve()."""
+  from mos_jax.linen import serve
+  stack = stack_adapters(adapters)
+  ids = np.array([2, 0, 1, 1, 0], np.int32)
+  input_ids = _rows_and_tokens(ids)
+  forward = forward_fn(tiny_llama)
+  ref = np.asarray(forward(stack, ids, input_ids))
+  assert np.isfinite(ref).all()
+  typed = ids.astype(dtype)
+  with inject_multi(stack, typed), hf_numerics():
+    eager = np.asarray(tiny_llama(input_ids, params=tiny_llama.params).logits)
+  assert_close(eager, ref, rtol=1e-5)
+  assert_close(np.asarray(forward(stack, typed, input_ids)), ref, rtol=1e-5)
+  assert_close(np.asarray(serve(forward)(stack, typed, input_ids)), ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [np.uint8(200), np.uint32(2**32 - 1), np.uint32(3)])
+def test_a_bad_unsigned_id_under_jit_poisons_only_its_row(tiny_llama, adapters, bad):
+  """Issue 20.3: under jit one bad unsigned id turned the valid rows NaN too (2**32 - 1 is not -1)."""
+  stack = stack_adapters(adapters)
+  ids = np.array([0, 1, 2, 0], bad.dtype)
+  ids[2] = bad
+  input_ids = _rows_and_tokens(ids, seed=3)
+  out = np.asarray(forward_fn(tiny_llama)(stack, jnp.asarray(ids), input_ids))
+  assert np.isnan(out[2]).all()
+  for row in (0, 1, 3):
+    assert_close(out[row:row + 1], alone(tiny_llama, adapters[int(ids[row])], input_ids[row:row + 1]), rtol=1e-5)
+  with pytest.raises(ValueError, match=rf"in \[-1, 3\).*row 2: {int(bad)}"):
+    with inject_multi(stack, ids):
+      pass
+
+
+def test_stack_for_a_smaller_model_is_refused(tiny_llama):
+  """Issue 20.4: a stack made for a 2-layer model ran on a 3-layer model with its third layer unadapted."""
+  from transformers import FlaxLlamaForCausalLM
+  cfg = tiny_llama.config.__class__(**{**tiny_llama.config.to_dict(), "num_hidden_layers": 2})
+  with hf_numerics():
+    small = FlaxLlamaForCausalLM(cfg, seed=0)
+  small_config = dataclasses.replace(BASE, equivalent_rank=2)  # 2 layers need a larger pool
+  stack = stack_adapters([adapt(small.params, small_config),
+                          adapt(small.params, dataclasses.replace(small_config, seed=1))])
+  ids = np.array([0, 1], np.int32)
+  with pytest.raises(ValueError, match="matches the adapter's target_modules but the adapter has no factors"):
+    forward_fn(tiny_llama)(stack, ids, np.ones((2, 4), np.int32))
+  # As inject refuses the same pairing.
+  with pytest.raises(ValueError, match="no factors"):
+    with inject(adapt(small.params, small_config)), hf_numerics():
+      tiny_llama(np.ones((2, 4), np.int32))
+
+
+@pytest.mark.parametrize("factor", ["A", "B"])
+def test_a_nan_adapter_never_touches_other_rows(tiny_llama, adapters, factor):
+  """Issue 20.5: a NaN in adapter 0 turned the base-model rows (id -1) NaN (0 * NaN = NaN)."""
+  poisoned = adapters[0].replace(pools={
+      n: {f: (jnp.full_like(v, jnp.nan) if f == factor else v) for f, v in p.items()}
+      for n, p in adapters[0].pools.items()})
+  stack = stack_adapters([poisoned, adapters[1], adapters[2]])
+  ids = np.array([-1, 1, 0, 2, -1], np.int32)
+  input_ids = _rows_and_tokens(ids, seed=4)
+  forward = forward_fn(tiny_llama)
+  for out in (np.asarray(forward(stack, ids, input_ids)), np.asarray(forward(stack, jnp.asarray(ids), input_ids))):
+    assert np.isnan(out[2]).any()
+    with hf_numerics():
+      base = np.asarray(tiny_llama(input_ids).logits)
+    assert_close(out[[0, 4]], base[[0, 4]], rtol=1e-5)
+    assert_close(out[1:2], alone(tiny_llama, adapters[1], input_ids[1:2]), rtol=1e-5)
+    assert_close(out[3:4], alone(tiny_llama, adapters[2], input_ids[3:4]), rtol=1e-5)
+
+
+def test_a_single_adapter_is_refused_with_a_type_error(adapters):
+  """Issue 20: inject_multi(Adapter) gave an AttributeError."""
+  from mos_jax.linen import serve
+  with pytest.raises(TypeError, match=r"stack_adapters\(\[adapter\]\)"):
+    with inject_multi(adapters[0], np.array([0])):
+      pass
+  with pytest.raises(TypeError, match=r"AdapterStack.*stack_adapters"):
+    serve(lambda stack, ids: None)(adapters[0], np.array([0]))

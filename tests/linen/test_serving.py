@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import mos_jax
 from mos_jax import MoSConfig, adapt, assemble
 from mos_jax.core import row_factors, stack_adapters
 from mos_jax.linen import inject, inject_multi
@@ -44,10 +45,14 @@ def alone(model, adapter, input_ids):
     return np.asarray(model(input_ids, params=model.params).logits)
 
 
-def test_mixed_batch_rows_equal_each_adapter_alone(tiny_llama, adapters):
+@pytest.mark.parametrize("mode", ["per-row", "segmented"])
+def test_mixed_batch_rows_equal_each_adapter_alone(tiny_llama, adapters, mode):
   ids = np.array([2, 0, 1, -1, 1, 2, 0], np.int32)
   input_ids = np.random.default_rng(0).integers(0, 64, size=(len(ids), 10)).astype(np.int32)
-  mixed = np.asarray(forward_fn(tiny_llama)(stack_adapters(adapters), ids, input_ids))
+  # Traced ids gather per row; this plan made on the host computes each of the 3 adapters once for all rows.
+  plan = ids if mode == "per-row" else mos_jax.core.plan_rows(ids, len(adapters), segment_max=4 * 10)
+  assert mode == "per-row" or plan.slots.tolist() == [0, 1, 2, 0]
+  mixed = np.asarray(forward_fn(tiny_llama)(stack_adapters(adapters), plan, input_ids))
   with hf_numerics():
     base = np.asarray(tiny_llama(input_ids).logits)
   for k, adapter in enumerate(adapters):
@@ -227,7 +232,8 @@ def test_a_nan_adapter_never_touches_other_rows(tiny_llama, adapters, factor):
   ids = np.array([-1, 1, 0, 2, -1], np.int32)
   input_ids = _rows_and_tokens(ids, seed=4)
   forward = forward_fn(tiny_llama)
-  for out in (np.asarray(forward(stack, ids, input_ids)), np.asarray(forward(stack, jnp.asarray(ids), input_ids))):
+  segmented = mos_jax.core.plan_rows(ids, 3, segment_max=4 * 6)  # adapters 0, 1, 2 (+ padding) for every row
+  for out in (np.asarray(forward(stack, ids, input_ids)), np.asarray(forward(stack, segmented, input_ids))):
     assert np.isnan(out[2]).any()
     with hf_numerics():
       base = np.asarray(tiny_llama(input_ids).logits)

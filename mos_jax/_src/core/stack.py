@@ -7,6 +7,7 @@ adds the per-row term :func:`rows_term` computes for the :class:`RowPlan` of a b
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Sequence
 
 import jax
@@ -163,6 +164,8 @@ class RowPlan:
     slots: ``(S,)`` int32, the distinct adapters of the batch when their terms are computed per
       adapter (segmented, S >= 1), or ``(0,)`` when each row gathers its own factors.
     slot: ``(batch,)`` int32, the row's index into ``slots`` (0 without slots).
+    segment_max: (static) a layer computes a segmented batch per adapter while
+      ``S x (tokens per row)`` is at most this, or ``S`` is 1; else per row.
   """
 
   ids: jax.Array
@@ -170,18 +173,22 @@ class RowPlan:
   bad: jax.Array
   slots: jax.Array
   slot: jax.Array
+  segment_max: int = 16
 
   @property
   def segmented(self) -> bool:
     return self.slots.shape[0] > 0
 
 
-jax.tree_util.register_dataclass(RowPlan, data_fields=["ids", "use", "bad", "slots", "slot"], meta_fields=[])
+jax.tree_util.register_dataclass(RowPlan, data_fields=["ids", "use", "bad", "slots", "slot"],
+                                 meta_fields=["segment_max"])
 
-#: Largest number of distinct adapters (rounded up to a power of two) whose batch is computed per adapter
-#: (segmented): one ``x Aᵀ`` product of ``S·r`` columns shared by all rows, then a per-row select. With more
-#: adapters each row gathers its own factors (BGMV), whose cost does not grow with the number of adapters.
-SEGMENT_MAX = 8
+#: Largest number of distinct adapters (rounded up to a power of two) for which :func:`plan_rows` prepares a
+#: segmented plan. A layer computes a segmented batch per adapter only while (distinct adapters) x (tokens per
+#: row) is at most this too (decoding steps; a prefill of several tokens per row with one adapter): the
+#: per-adapter products grow with both, while a per-row gather of the factors (BGMV) costs the same for any
+#: mix. Measured on CPU with Gemma 3 270M's projection shapes (docs/serving.md).
+SEGMENT_MAX = 16
 
 
 def _valid_ids(ids: jax.Array, num_adapters: int) -> jax.Array:
@@ -206,8 +213,8 @@ def plan_rows(adapter_ids: Any, num_adapters: int, *, segment_max: int | None = 
   Args:
     adapter_ids: ``(batch,)`` integer ids in ``[-1, K)``; ``-1`` runs the base model.
     num_adapters: ``K``, the stack's number of adapters.
-    segment_max: the most distinct adapters computed per adapter; ``None`` for :data:`SEGMENT_MAX`,
-      0 for per-row gathers always.
+    segment_max: the most distinct adapters, times the tokens of each row in a layer, computed per
+      adapter; ``None`` for :data:`SEGMENT_MAX`, 0 for per-row gathers always.
 
   Returns:
     The plan, for :func:`mos_jax.linen.inject_multi` or an NNX model of :func:`mos_jax.nnx.adapt_multi`.
@@ -230,9 +237,10 @@ def plan_rows(adapter_ids: Any, num_adapters: int, *, segment_max: int | None = 
   valid = _valid_ids(ids, num_adapters)
   # int32 with an out-of-range marker K: a uint32 2**32 - 1 must not become -1 (the base model).
   ids32 = jnp.where(valid, ids.astype(jnp.int32), jnp.int32(num_adapters))
+  limit = SEGMENT_MAX if segment_max is None else int(segment_max)
   plan = RowPlan(ids=jnp.clip(ids32, 0, num_adapters - 1), use=(ids32 >= 0) & (ids32 < num_adapters),
-                 bad=~valid, slots=jnp.zeros((0,), jnp.int32), slot=jnp.zeros(ids.shape, jnp.int32))
-  limit = SEGMENT_MAX if segment_max is None else segment_max
+                 bad=~valid, slots=jnp.zeros((0,), jnp.int32), slot=jnp.zeros(ids.shape, jnp.int32),
+                 segment_max=limit)
   if isinstance(ids, jax.core.Tracer) or limit <= 0:
     return plan
   host = np.asarray(ids32)
@@ -264,13 +272,14 @@ def rows_term(stack: AdapterStack, group: Group, layer: int | jax.Array, plan: R
   Returns:
     The term, ``(batch, ..., d_out)``.
   """
-  if plan.segmented:
+  slots, tokens_per_row = plan.slots.shape[0], math.prod(x.shape[1:-1])
+  if slots == 1 or 0 < slots * tokens_per_row <= plan.segment_max:
     a, b = row_factors(stack, group, layer, plan.slots)  # (S, r, d_in), (S, d_out, r)
     a = a * stack.scale[plan.slots][:, None, None].astype(a.dtype)
     h = jnp.einsum("b...i,sri->b...sr", x, a)
     pick = plan.slot.reshape((-1,) + (1,) * (h.ndim - 1))
     h = jnp.take_along_axis(h, pick, axis=-2)  # (batch, ..., 1, r): the row's own adapter
-    if plan.slots.shape[0] == 1:
+    if slots == 1:
       term = jnp.einsum("b...r,or->b...o", h[..., 0, :], b[0])
     else:
       term = jnp.take_along_axis(jnp.einsum("b...r,sor->b...so", h[..., 0, :], b), pick, axis=-2)[..., 0, :]

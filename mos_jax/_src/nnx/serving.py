@@ -53,6 +53,7 @@ class ServedStack(nnx.Module):
     empty = plan_rows(np.zeros((0,), np.int32), stack.num_adapters)  # no rows until set_adapter_ids
     for field in _PLAN_FIELDS:
       setattr(self, field, RowArray(getattr(empty, field)))
+    self.segment_max = empty.segment_max  # static: a new value recompiles
 
   @property
   def num_adapters(self) -> int:
@@ -66,7 +67,7 @@ class ServedStack(nnx.Module):
                         scale=self.scale[...], groups=(group,), rank=self.rank)
 
   def plan(self) -> RowPlan:
-    return RowPlan(**{field: getattr(self, field)[...] for field in _PLAN_FIELDS})
+    return RowPlan(**{field: getattr(self, field)[...] for field in _PLAN_FIELDS}, segment_max=self.segment_max)
 
 
 class MultiMoSLayer(nnx.Module):
@@ -206,6 +207,7 @@ def set_adapter_ids(model: nnx.Module, adapter_ids: Any) -> RowPlan:
   plan = adapter_ids if isinstance(adapter_ids, RowPlan) else plan_rows(np.asarray(adapter_ids), served.num_adapters)
   for field in _PLAN_FIELDS:
     getattr(served, field).set_value(getattr(plan, field))
+  served.segment_max = plan.segment_max
   return plan
 
 

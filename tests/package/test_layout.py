@@ -148,7 +148,6 @@ def test_root_is_backend_neutral():
              for sub in ("core", "linen", "nnx", "formats", "train", "parallel"))
 
 
-@pytest.mark.xfail(strict=False, reason="the README is being cut to <= 200 lines in parallel")
 def test_readme_is_short(capsys):
   lines = len((REPO_ROOT / "README.md").read_text().splitlines())
   with capsys.disabled():

@@ -24,7 +24,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -32,17 +31,12 @@ import mos_jax
 from experiments.lib import bench, gemma3
 from experiments.lib.bench import mib
 
-BATCH, SEQ, RANK = 4, 64, 8
-QWIX_TARGETS = r".*/(q_einsum|kv_einsum|attn_vec_einsum|gate_proj|up_proj|down_proj)"
+BATCH, SEQ = 4, 64
 
 
-def parse_args() -> argparse.Namespace:
-  def extra(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rank", type=int, default=RANK, help="active rank r of every adapter (default 8)")
-    p.add_argument("--cache-dir", default=None, help="where the converted weights are cached")
-
-  return bench.bench_parser(__doc__, out_file="bench_qlora_nnx.json", quick_help="3 repeats",
-                            repeats_help="timed calls per variant (default 8)", extra=extra).parse_args()
+def _flags(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--rank", type=int, default=8, help="active rank r of MoS and of qwix's LoRA (default 8)")
+  p.add_argument("--cache-dir", default=None, help="where the converted Gemma weights are cached")
 
 
 def model_loss(model: Any, batch: dict[str, jax.Array]) -> jax.Array:
@@ -63,13 +57,7 @@ def mos_variant(name: str, model: Any, batch: dict[str, jax.Array], config: mos_
 
 
 def qwix_variant(model: Any, batch: dict[str, jax.Array], rank: int) -> tuple[bench.Variant, int]:
-  import qwix  # noqa: PLC0415
-
-  provider = qwix.LoraProvider(module_path=QWIX_TARGETS, rank=rank, alpha=16.0, weight_qtype="nf4", tile_size=64)
-  with jax.numpy_rank_promotion("allow"):
-    lora_model = qwix.apply_lora_to_model(model, provider, batch["tokens"], batch["positions"], None, batch["mask"],
-                                          rngs=nnx.Rngs(0))
-  graphdef, lora, rest = nnx.split(lora_model, nnx.LoRAParam, ...)
+  graphdef, lora, rest = gemma3.qwix_lora(model, batch, rank=rank, alpha=16.0, weight_qtype="nf4", tile_size=64)
 
   def loss(lora, rest, batch, rng):
     return model_loss(nnx.merge(graphdef, lora, rest), batch)
@@ -79,13 +67,12 @@ def qwix_variant(model: Any, batch: dict[str, jax.Array], rank: int) -> tuple[be
 
 
 def main() -> None:
-  args = parse_args()
+  args = bench.bench_parser(__doc__, out_file="bench_qlora_nnx.json", quick_help="3 repeats",
+                            repeats_help="timed steps per variant (default 8)", extra=_flags).parse_args()
   repeats = args.repeats or (3 if args.quick else 8)
   t0 = time.perf_counter()
   model, _ = gemma3.load_gemma3_270m(args.cache_dir)
-  tokens = jax.random.randint(jax.random.key(1), (BATCH, SEQ), 3, model.config.num_embed, dtype=jnp.int32)
-  valid = jnp.ones(tokens.shape, bool)
-  batch = {"tokens": tokens, "positions": gemma3.positions_of(valid), "mask": gemma3.causal_mask(valid)}
+  batch = gemma3.random_batch(model.config.num_embed, BATCH, SEQ)
   print(f"Gemma 3 270M loaded in {time.perf_counter() - t0:.0f} s; batch {BATCH} x {SEQ}; {bench.device_summary()}",
         flush=True)
   config = mos_jax.MoSConfig(rank=args.rank, equivalent_rank=max(1, args.rank // 8), shards_per_vector=2,

@@ -38,7 +38,7 @@ def train(model, steps=5, lr=3e-2):
     return loss, grads
 
   out = [step(model, optimizer) for _ in range(steps)]
-  return [float(loss) for loss, _ in out], out[0][1]
+  return [float(loss) for loss, _ in out], out[-1][1]  # the last step's gradients: A's is 0 while B = 0
 
 
 # --- QLoRA -------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ pytest.importorskip("tunix.models.gemma3.model")
 pytest.importorskip("qwix")
 safetensors = pytest.importorskip("safetensors.numpy")
 
-TINY_LLAMA = ("llama3.ModelConfig(num_layers=2, vocab_size=64, embed_dim=32, hidden_dim=48, num_heads=4, "
+TINY_LLAMA = ("llama3.ModelConfig(num_layers=8, vocab_size=64, embed_dim=32, hidden_dim=48, num_heads=4, "
               "head_dim=8, num_kv_heads=2, rope_theta=10_000, norm_eps=1e-6)")
 
 
@@ -39,7 +39,7 @@ class ToyTokenizer:
     return 0
 
 
-def hf_llama_folder(folder, layers=2, vocab=64, d=32, hidden=48, heads=4, kv=2, hd=8):
+def hf_llama_folder(folder, layers=8, vocab=64, d=32, hidden=48, heads=4, kv=2, hd=8):
   """Random weights under the names (and PyTorch shapes) of an HF Llama checkpoint."""
   rng = np.random.default_rng(0)
   t = lambda *s: (0.1 * rng.normal(size=s)).astype(np.float32)
@@ -76,6 +76,6 @@ def test_every_nnx_doc_snippet_runs(tmp_path):
   assert len(scope["out"].text) == 1
   q = scope["hf_model"].layers[1].attn.q_proj.w[...]
   np.testing.assert_allclose(np.asarray(q).reshape(32, 32), tensors["model.layers.1.self_attn.q_proj.weight"].T)
-  assert len(mos_jax.nnx.mos_layers(scope["adapted_llama"])) == 14
+  assert len(mos_jax.nnx.mos_layers(scope["adapted_llama"])) == 8 * 7
   assert np.isfinite(float(scope["loss"]))
   assert float(jnp.abs(scope["adapter"].pools["layers/*/attn/q_einsum"]["B"]).max()) > 0

@@ -562,7 +562,7 @@ def dry_run(model: nnx.Module, config: MoSConfig, *,
   table = core_dry_run(tree, every, layouts={m.path: m.layout for m in entries})
   wrapped = [f"  {m.path}: {type(m.module).__name__}.{m.kernel_name} {tuple(getattr(m.module, m.kernel_name).shape)}"
              + (f" -> {', '.join(e.path.split('/')[-1] for e in entries if e.module is m.module)}"
-                if m.shape is None and sum(e.module is m.module for e in entries) > 1 else "")
+                if sum(e.module is m.module for e in entries) > 1 else "")
              for m in _whole(entries)]
   return "\n".join([f"target_modules={config.target_modules!r}", f"wraps {len(wrapped)} modules:", *wrapped,
                     table[table.index("MoS adapter:"):]])
@@ -574,5 +574,6 @@ def _whole(entries: list[KernelModule]) -> list[KernelModule]:
   for e in entries:
     if id(e.module) not in seen:
       seen.add(id(e.module))
-      out.append(dataclasses.replace(e, shape=None, keys=e.keys if e.shape is None else e.keys[:-1]))
+      keys = e.keys if e.shape is None else e.keys[:-1]
+      out.append(dataclasses.replace(e, shape=None, keys=keys, path="/".join(map(str, keys))))
   return out

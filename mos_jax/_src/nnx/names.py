@@ -26,8 +26,11 @@ FUSED: dict[str, tuple[str, ...]] = {"kv_einsum": ("k", "v"), "qkv_einsum": ("q"
 
 def family(model: Any) -> str | None:
   """The Tunix model family of a model (``"gemma3"``, ``"llama3"``, ...), from its class's module; else ``None``."""
-  parts = type(model).__module__.split(".")
-  return parts[2] if parts[:2] == ["tunix", "models"] and len(parts) > 2 else None
+  for cls in type(model).__mro__:  # a subclass made by a wrapper (qwix, the call check) keeps the family's base
+    parts = cls.__module__.split(".")
+    if parts[:2] == ["tunix", "models"] and len(parts) > 2:
+      return parts[2]
+  return None
 
 _LAYER = r"layers/(\d+)"
 _HF = r"model.layers.\1"

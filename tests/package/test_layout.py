@@ -26,6 +26,7 @@ ALLOWED = {
     "linen": {"errors", "io", "core", "train"},
     "nnx": {"errors", "io", "core", "train"},
     "hf": {"errors", "io", "core", "linen"},
+    "api": {"errors", "core", "nnx"},
 }
 #: The public packages and the most names each may export (``__all__``).
 PUBLIC = {"mos_jax": 20, "mos_jax.core": 30, "mos_jax.linen": 20, "mos_jax.nnx": 20, "mos_jax.formats": 20,

@@ -92,17 +92,20 @@ def test_mixed_batch_rows_equal_each_adapter_alone(model, adapters, served, segm
       assert np.abs(ref - base[rows]).max() > 1e-2 * np.abs(base).max()  # each adapter changes its rows
 
 
+@pytest.mark.slow  # five samplers (the mixed batch, each adapter alone, the base) compile prefill and decode: ~40 s
 def test_generation_through_tunix_sampler_equals_each_adapter_alone(model, adapters, served):
   ids = np.array([0, 2, -1, 1, 1, 0], np.int16)  # any integer dtype
   out = mos_jax.nnx.serve(sampler(served), PROMPTS, ids, **SAMPLING)
-  greedy_differs = False
-  for row, k in enumerate(ids.tolist()):
-    ref = sampler(alone(model, adapters[k] if k >= 0 else None))([PROMPTS[row]], **SAMPLING)
-    np.testing.assert_array_equal(out.tokens[row], ref.tokens[0])
-    assert_close(out.logits[row], ref.logits[0], rtol=1e-5)
-    base = sampler(model)([PROMPTS[row]], **SAMPLING)
-    greedy_differs |= not np.array_equal(base.tokens[0], ref.tokens[0])
-  assert greedy_differs  # the adapters change what is generated, so a row given the wrong one would fail
+  base = sampler(model)(PROMPTS, **SAMPLING)
+  changed = 0
+  for k in range(-1, K):
+    # Each adapter alone on the same batch (same padding): its rows must match the mixed batch's exactly.
+    ref = base if k < 0 else sampler(alone(model, adapters[k]))(PROMPTS, **SAMPLING)
+    for row in np.flatnonzero(ids == k):
+      np.testing.assert_array_equal(out.tokens[row], ref.tokens[row])
+      assert_close(out.logits[row], ref.logits[row], rtol=1e-5)
+      changed += k >= 0 and not np.array_equal(base.tokens[row], ref.tokens[row])
+  assert changed >= 2  # the adapters change what is generated, so a row given the wrong one would fail
 
 
 def test_bad_ids_are_refused_before_anything_runs(served):
@@ -171,3 +174,20 @@ def test_load_stack_swaps_adapters_in_place(model, adapters):
   assert_close(out[1:2], logits(alone(model, adapters[0]), TOKENS[1:2]), rtol=1e-5)
   with pytest.raises(mos_jax.MismatchError, match="make a new served model"):
     mos_jax.nnx.load_stack(served, mos_jax.core.stack_adapters(adapters[:2]))
+
+
+@pytest.mark.parametrize("split_fused", [None, {}], ids=["kv-split", "kv-fused"])
+def test_gemma_kv_einsum_split_or_fused_is_served_like_each_adapter_alone(model, split_fused):
+  # Gemma's kv_einsum (2, K, D, H): adapt splits it into k and v module types by default; split_fused={} keeps it one.
+  made = [mos_jax.nnx.adapter_of(mos_jax.nnx.adapt(model, dataclasses.replace(CONFIG, seed=k), split_fused=split_fused))
+          for k in range(2)]
+  made = [a.replace(pools=random_pools(a.pools, seed=10 + k, scale=0.3)) for k, a in enumerate(made)]
+  served = mos_jax.nnx.adapt_multi(model, mos_jax.core.stack_adapters(made))
+  kv = served.layers[0].attn.kv_einsum
+  assert isinstance(kv, mos_jax.nnx.MultiMoSLayer)
+  assert [g.name.split("/")[-1] for g in kv.parts] == (["kv_einsum"] if split_fused == {} else ["k", "v"])
+  ids = np.array([1, -1, 0], np.int32)
+  mos_jax.nnx.set_adapter_ids(served, ids)
+  out = np.asarray(logits(served, TOKENS[:3]))
+  for row, k in enumerate(ids):
+    assert_close(out[row:row + 1], logits(alone(model, made[k] if k >= 0 else None), TOKENS[row:row + 1]), rtol=1e-5)

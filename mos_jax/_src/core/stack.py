@@ -187,7 +187,7 @@ jax.tree_util.register_dataclass(RowPlan, data_fields=["ids", "use", "bad", "slo
 #: segmented plan. A layer computes a segmented batch per adapter only while (distinct adapters) x (tokens per
 #: row) is at most this too (decoding steps; a prefill of several tokens per row with one adapter): the
 #: per-adapter products grow with both, while a per-row gather of the factors (BGMV) costs the same for any
-#: mix. Measured on CPU with Gemma 3 270M's projection shapes (docs/serving.md).
+#: mix (docs/serving.md).
 SEGMENT_MAX = 16
 
 

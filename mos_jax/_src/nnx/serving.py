@@ -11,10 +11,10 @@ from flax import nnx
 
 from mos_jax._src.core.einsum import EinsumSpec
 from mos_jax._src.core.stack import AdapterStack, RowPlan, plan_rows, require_stack, rows_term
-from mos_jax._src.core.targets import Group, check_params
+from mos_jax._src.core.targets import Group
 from mos_jax._src.errors import MismatchError
-from mos_jax._src.nnx.adapt import mos_layers
-from mos_jax._src.nnx.discover import kernel_modules, kernel_tree
+from mos_jax._src.nnx.adapt import adapter_entries, fused_group, mos_layers, set_child
+from mos_jax._src.nnx.discover import references
 from mos_jax._src.nnx.layers import MoSModel
 
 
@@ -76,19 +76,24 @@ class MultiMoSLayer(nnx.Module):
   Row ``b`` uses the adapter the served model's rows name (:func:`set_adapter_ids`;
   ``-1``: the base model only). The factors are gathered from the stacked pools
   (per row, or once per adapter when few serve the batch); ``ΔW`` is never formed. Inference only.
+  A fused projection split into parts (Gemma's ``kv_einsum``: ``k``, ``v``) adds each part's
+  term along its kernel's first axis, as :class:`~mos_jax.nnx.MoSLayer`'s split form does.
 
   Attributes:
     base: the wrapped layer, unchanged.
     served: the shared :class:`ServedStack`.
-    group: this layer's module type.
-    layer: this layer's index in the group.
+    parts: the module type of each part (one for an unsplit layer).
+    layers: this layer's index in each part's group.
+    io: the group whose layout flattens the layer's input and output (the whole fused kernel when split).
   """
 
-  def __init__(self, base: nnx.Module, served: ServedStack, *, group: Group, layer: int, path: str):
+  def __init__(self, base: nnx.Module, served: ServedStack, *, parts: tuple[Group, ...], layers: tuple[int, ...],
+               io: Group, path: str):
     self.base = base
     self.served = served
-    self.group = group
-    self.layer = layer
+    self.parts = tuple(parts)
+    self.layers = tuple(layers)
+    self.io = io
     self.path = path
 
   def __getattr__(self, name: str) -> Any:
@@ -100,17 +105,18 @@ class MultiMoSLayer(nnx.Module):
 
   def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
     y = self.base(x, *args, **kwargs)
-    stack = self.served.group_stack(self.group)
     plan = self.served.plan()
-    flat, unflatten = jnp.asarray(x).astype(stack.pools[self.group.name]["A"].dtype), lambda t: t
+    dtype = self.served.pool_a[self.served.names.index(self.parts[0].name)][...].dtype
+    flat, unflatten = jnp.asarray(x).astype(dtype), lambda t: t
     spec = EinsumSpec.of_call(getattr(self.base, "einsum_str", None), args, kwargs)
     if spec is not None:
-      flat, unflatten = spec.flat_io(flat, self.group)
+      flat, unflatten = spec.flat_io(flat, self.io)
     if flat.shape[0] != plan.ids.shape[0]:
       raise ValueError(f"Layer {self.path} got an input of shape {tuple(flat.shape)}, whose first axis is not the "
                        f"batch of {plan.ids.shape[0]} adapter ids: call mos_jax.nnx.set_adapter_ids(model, ids) "
                        "with one id per row of the batch first (or generate through mos_jax.nnx.serve).")
-    return y + unflatten(rows_term(stack, self.group, self.layer, plan, flat)).astype(y.dtype)
+    terms = [rows_term(self.served.group_stack(g), g, i, plan, flat) for g, i in zip(self.parts, self.layers)]
+    return y + unflatten(jnp.concatenate(terms, axis=-1)).astype(y.dtype)
 
 
 def _served(model: nnx.Module) -> ServedStack:
@@ -160,27 +166,19 @@ def adapt_multi(model: nnx.Module, stack: AdapterStack) -> nnx.Module:
     raise NotImplementedError(f"Groups {stacked} are stacked (nnx.scan): serving many adapters on a scanned NNX "
                               "model is not supported yet; serve an unrolled copy of the model.")
   served_model = nnx.clone(model)
-  found = {m.path: m for m in kernel_modules(served_model)}
   # The stack names its targets, so a bigger model's extra matching module is refused here too.
-  check_params(kernel_tree(list(found.values())), stack, stack.groups, what="This adapter stack")
-  odd = [p for g in stack.groups for p in g.paths
-         if (found[p].layout.in_axes, found[p].layout.out_axes) != (g.in_axes, g.out_axes)]
-  if odd:
-    raise MismatchError(f"This adapter stack applies the kernels of {odd[:5]} with another layout (in/out axes) "
-                        "than this model's modules do: it was made for another model.")
+  chosen, entries = adapter_entries(served_model, stack, stack.groups, what="This adapter stack")
+  where = {p: (g, i) for g in stack.groups for i, p in enumerate(g.paths)}
   served = ServedStack(stack)
-  for g in stack.groups:
-    for i, path in enumerate(g.paths):
-      m = found[path]
-      parent = served_model
-      for k in m.keys[:-1]:
-        parent = parent[k] if isinstance(k, int) or not isinstance(parent, nnx.Module) else getattr(parent, k)
-      wrapped = MultiMoSLayer(m.module, served, group=g, layer=i, path=path)
-      key = m.keys[-1]
-      if isinstance(key, int) or not isinstance(parent, nnx.Module):
-        parent[key] = wrapped
-      else:
-        setattr(parent, key, wrapped)
+  edges = references(served_model, edges=True)
+  for m, _ in chosen:
+    parts = [e for e in entries if e.module is m.module]
+    groups, layers = zip(*(where[e.path] for e in parts))
+    split = len(parts) > 1 or parts[0].path != m.path
+    wrapped = MultiMoSLayer(m.module, served, parts=groups, layers=layers, io=fused_group(m) if split else groups[0],
+                            path=m.path)
+    for parent, key in edges.get(id(m.module), ()):  # a tied module: wrapped once, under each of its names
+      set_child(parent, key, wrapped)
   return served_model
 
 

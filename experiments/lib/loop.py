@@ -133,7 +133,8 @@ def fit(loss_fn: Callable[..., jax.Array], trainable: Any, params: Any,
         next_batch: Callable[[int], tuple[Any, int]], cfg: TrainConfig, *,
         evaluate: Callable[[Any], dict[str, float]], name: str = "run", mesh: jax.sharding.Mesh | None = None,
         trainable_sharding: Any = None, params_sharding: Any = None, batch_sharding: Any = None,
-        identity: dict[str, Any] | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+        identity: dict[str, Any] | None = None, log: Callable[[str], None] | None = None,
+        on_step: Callable[[dict], None] | None = None) -> dict[str, Any]:
   """Trains ``trainable`` for ``cfg.steps`` steps of ``mos_jax.train.make_step``.
 
   With ``cfg.checkpoint_every > 0`` it saves (asynchronously, keeping the last
@@ -171,6 +172,7 @@ def fit(loss_fn: Callable[..., jax.Array], trainable: Any, params: Any,
     batch_sharding: with ``mesh``: the batch's (default: rows over ``data`` x ``fsdp``).
     identity: more JSON that a checkpoint must match (the data, the model source).
     log: where one-line notices go (process 0 only; default ``print``).
+    on_step: called with each step's metrics row (on process 0), e.g. to print a line per step.
 
   Returns:
     ``{"trainable", "metrics", "step_seconds", "metrics_path", "plot_path", "resumed_from"}``;
@@ -192,9 +194,10 @@ def fit(loss_fn: Callable[..., jax.Array], trainable: Any, params: Any,
                                                      params_sharding=params_sharding, batch_sharding=batch_sharding)
   trainable, opt_state, _, shardings = _place(trainable, optimizer, placement)
   step = mos_jax.train.make_step(loss_fn, optimizer, **shardings)
-  dropout_key = jax.random.key(cfg.seed + 1)
-  if placement is not None:
-    dropout_key = jax.device_put(dropout_key, NamedSharding(placement.mesh, P()))
+  make_key = lambda: jax.random.key(cfg.seed + 1)  # noqa: E731
+  # On a mesh the key is made replicated there (a one-device array cannot be put on other processes' devices).
+  dropout_key = make_key() if placement is None else jax.jit(
+      make_key, out_shardings=NamedSharding(placement.mesh, P()))()
   lr_at = learning_rate(cfg)
   metrics: list[dict] = []
   step_times = []
@@ -239,6 +242,8 @@ def fit(loss_fn: Callable[..., jax.Array], trainable: Any, params: Any,
       if i % cfg.eval_every == 0 or i == cfg.steps:
         row.update(evaluate(trainable))
       metrics.append(row)
+      if on_step is not None and main:
+        on_step(row)
       if logger is not None:
         logger.write(row)  # flushed: rows up to a checkpoint must survive a kill, for the resumed run to keep them
       bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k == "loss" or k.startswith("eval_")}

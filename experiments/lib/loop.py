@@ -25,7 +25,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
@@ -66,8 +68,24 @@ def _checkpointer(cfg: TrainConfig, out_dir: epath.Path, trainable: Any, params:
               "base_model": tree_layout(params)}
   if extra:
     identity["run"] = extra
+  _clear_unfinished_saves(out_dir / "checkpoints")
   return mos_jax.TrainCheckpointer(out_dir / "checkpoints", identity=identity, save_every=cfg.checkpoint_every,
                                    keep=cfg.keep_checkpoints)
+
+
+def _clear_unfinished_saves(directory: epath.Path) -> None:
+  """Several processes: the primary deletes unfinished step folders, then all processes wait for it.
+
+  Orbax's manager deletes them on start-up concurrently with listing the steps
+  on every process; on an object store (``gs://``) another process's listing
+  then fails on a folder deleted under it. Done first, that cleanup finds nothing.
+  """
+  if jax.process_count() == 1:
+    return
+  if parallel.is_main_process() and directory.exists():
+    for name in ocp.path.step.tmp_checkpoints(directory):
+      (directory / name).rmtree()
+  multihost_utils.sync_global_devices("experiments_clear_unfinished_saves")
 
 
 def _seek(next_batch: Callable, data_state: dict, step: int) -> None:

@@ -72,8 +72,11 @@ def test_merge_touches_only_targets_and_unmerge_restores(tiny_llama):
   np.testing.assert_array_equal(np.asarray(layers["2"]["self_attn"]["k_proj"]["kernel"]),
                                 np.asarray(base["2"]["self_attn"]["k_proj"]["kernel"]))
   restored = unmerge(merged, adapter)
-  jax.tree_util.tree_map(lambda x, y: assert_close(np.asarray(x), np.asarray(y), rtol=1e-5),
-                         restored, tiny_llama.params)
+  # W + ΔW - ΔW rounds at the scale of the merged kernel, not of W: compare against that scale.
+  jax.tree_util.tree_map(
+      lambda x, y, m: np.testing.assert_array_less(np.abs(np.asarray(x) - np.asarray(y)).max(),
+                                                   1e-5 * max(np.abs(np.asarray(m)).max(), 1e-30)),
+      restored, tiny_llama.params, merged)
 
 
 def test_merge_keeps_kernel_dtype(tiny_llama):

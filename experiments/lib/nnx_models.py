@@ -40,6 +40,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mos_jax.core import atomic_file
+from experiments.lib import tunix_rope
 
 #: The files of a model folder that are fetched and read: weights as safetensors only.
 MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
@@ -389,9 +390,8 @@ def tunix_config(hf: Mapping[str, Any], family: Family, *, dtype: Any = jnp.bflo
         global_base_frequency=int(hf.get("rope_theta", 1_000_000)),
         global_scale_factor=float(scaling.get("factor", 1.0)), query_pre_attn_norm=query_norm,
         param_dtype=dtype, **common)
-  if scaling:
-    raise ValueError(f"rope_scaling {scaling}: Tunix 0.1.7's {family.model_class} ignores RoPE scaling, so its "
-                     "outputs would differ from the checkpoint's. Use a model without rope_scaling.")
+  # Tunix 0.1.7's Llama 3 / Qwen 3 ignore rope_theta and rope_scaling: rotate with the checkpoint's (tunix_rope).
+  tunix_rope.install(family.name, head_dim, float(hf.get("rope_theta", 10_000)), scaling or None)
   fields = dict(num_layers=hf["num_hidden_layers"], vocab_size=hf["vocab_size"], embed_dim=hidden,
                 hidden_dim=hf["intermediate_size"], num_heads=heads, head_dim=head_dim,
                 num_kv_heads=hf.get("num_key_value_heads", heads), rope_theta=int(hf.get("rope_theta", 10_000)),

@@ -80,3 +80,22 @@ def instruction_file(path: Path, n: int = 48, *, seed: int = 0) -> Path:
       rows.append({"prompt": f"what is {a} plus {b}?", "response": f"{a + b}."})
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   return path
+
+
+def llama3_folder(folder: Path, *, seed: int = 0, rope_scaling: dict | None = None, shard_size: str = "150KB") -> Path:
+  """A tiny Llama 3 (GQA, rope_theta 500,000, optional Llama 3.1 scaling) in HF layout, sharded safetensors."""
+  import torch
+  from transformers import LlamaConfig, LlamaForCausalLM
+
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2, rope_theta=500_000.0, rope_scaling=rope_scaling,
+                    max_position_embeddings=256, tie_word_embeddings=False, rms_norm_eps=1e-5)
+  torch.manual_seed(seed)
+  model = LlamaForCausalLM(cfg)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      p.copy_(torch.randn_like(p) * (0.3 + 1.0 if "norm" in name else 64 ** -0.5))
+  model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True, max_shard_size=shard_size)
+  return folder

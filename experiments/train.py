@@ -75,63 +75,19 @@ def run_config(args: argparse.Namespace) -> RunConfig:
   return cfg
 
 
-def family_targets(loaded_family: Any, tunix_cfg: Any) -> tuple[str, ...]:
-  """The family's attention and MLP projections present in this model (Gemma fuses q/k/v at equal head counts)."""
-  fused = getattr(tunix_cfg, "num_heads", 0) == getattr(tunix_cfg, "num_kv_heads", -1)
-  drop = {"q_einsum", "kv_einsum"} if fused else {"qkv_einsum"}
-  return tuple(t for t in loaded_family.targets if loaded_family.name != "gemma3" or t not in drop)
-
-
-def check_memory(cfg: RunConfig, mesh: Any, family: Any, tunix_cfg: Any, mos: Any, say: Any) -> None:
-  """Prints the per-chip memory estimate and raises ``SystemExit`` (with the fixes) when it does not fit."""
+def check_memory(cfg: RunConfig, mesh: Any, hf: dict, say: Any) -> None:
+  """Prints the memory per chip and raises ``SystemExit`` with the fixes when it does not fit."""
   import jax
-  import jax.numpy as jnp
-  from flax import nnx
 
-  import mos_jax
-  from experiments.lib import chip_memory, nnx_models
-  from mos_jax import parallel
+  from experiments.lib import chip_memory
 
-  abstract = nnx_models.abstract_model(family, tunix_cfg)
-  _, state = nnx.split(abstract)
-  shapes = {nnx_models._key(p): s for p, s in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]}
-  adapter = mos_jax.nnx.adapter_of(mos_jax.nnx.adapt(abstract, mos))
-  trainable = sum(int(v.size) for e in adapter.pools.values() for v in e.values())
-  factors = sum(mos.rank * (g.d_in + g.d_out) * g.num_layers for g in adapter.groups)
-  shape = chip_memory.Shape(layers=tunix_cfg.num_layers, embed=tunix_cfg.embed_dim, hidden=tunix_cfg.hidden_dim,
-                            heads=tunix_cfg.num_heads, head_dim=tunix_cfg.head_dim,
-                            vocab=getattr(tunix_cfg, "num_embed", getattr(tunix_cfg, "vocab_size", 0)))
-  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-
-  def at(mesh_, global_batch, seq_len, remat):
-    shardings = nnx_models.param_shardings(abstract, mesh_)
-    return chip_memory.estimate(
-        shape, base=chip_memory.base_bytes(shapes, shardings, jnp.dtype(cfg.dtype)), trainable=trainable,
-        factor_values=factors, rows=max(1, global_batch // (mesh_.shape["data"] * mesh_.shape["fsdp"])),
-        seq_len=seq_len, tensor=mesh_.shape["tensor"], remat=remat, loss_chunk=cfg.loss_chunk)
-
-  memory = at(mesh, cfg.global_batch, cfg.seq_len, cfg.remat)
+  memory, fixes = chip_memory.plan(cfg, hf, mesh)
   hbm = cfg.hbm_gib
   if hbm is None:
     stats = jax.local_devices()[0].memory_stats() or {}
     hbm = stats.get("bytes_limit", 0) / chip_memory.GIB or None
   say(memory.format(hbm))
-  if hbm is None:
-    return
-  fixes = {}
-  if mesh.shape["fsdp"] < mesh.size:
-    full = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=-1, tensor=1))
-    fixes[f"--mesh fsdp={mesh.size} (shard the base over every chip)"] = at(full, cfg.global_batch, cfg.seq_len,
-                                                                              cfg.remat)
-  if cfg.remat != "decoder":
-    fixes["remat='decoder' (recompute each layer in the backward pass)"] = at(mesh, cfg.global_batch, cfg.seq_len,
-                                                                              "decoder")
-  if cfg.global_batch > data_parallel:
-    fixes[f"global_batch={max(data_parallel, cfg.global_batch // 2)}"] = at(
-        mesh, max(data_parallel, cfg.global_batch // 2), cfg.seq_len, cfg.remat)
-  if cfg.seq_len >= 2 * cfg.loss_chunk or cfg.seq_len <= cfg.loss_chunk:
-    fixes[f"seq_len={cfg.seq_len // 2}"] = at(mesh, cfg.global_batch, cfg.seq_len // 2, cfg.remat)
-  message = chip_memory.refusal(memory, hbm, cfg.usable_fraction, fixes)
+  message = chip_memory.refusal(memory, hbm, cfg.usable_fraction, fixes) if hbm else None
   if message:
     raise SystemExit(message)
 
@@ -186,10 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   family = nnx_models.family_of(hf)
   dtype = jnp.dtype(cfg.dtype)
   tunix_cfg = nnx_models.tunix_config(hf, family, dtype=dtype, remat=cfg.remat)
-  mos = dataclasses.replace(cfg.mos, target_modules=cfg.targets or family_targets(family, tunix_cfg))
+  mos = dataclasses.replace(cfg.mos, target_modules=cfg.targets or nnx_models.family_targets(family, tunix_cfg))
   say(f"{family.model_class} from {cfg.model}: {tunix_cfg.num_layers} layers, mesh {dict(mesh.shape)} over "
       f"{jax.process_count()} process(es)")
-  check_memory(cfg, mesh, family, tunix_cfg, mos, say)
+  check_memory(cfg, mesh, hf, say)
 
   loaded = nnx_models.load_model(folder, mesh, dtype=dtype, remat=cfg.remat)
   if loaded.unused:

@@ -107,7 +107,10 @@ elif verb == "create":
              "try in another zone where Cloud TPU Nodes are offered")
   fresh_workers()  # a new slice: empty homes
 elif verb == "delete":
-  pass
+  # Deleted (gcloud waits for it): describe says NOT_FOUND until the next create.
+  for kind in {group, "tpu-vm"}:
+    path = root / f"{kind}.states"
+    path.write_text("NOT_FOUND\n" + (path.read_text() if path.exists() else ""))
 elif verb == "scp":
   src, dest = positional[4], positional[5].split(":", 1)[1]
   for w in workers:
@@ -389,7 +392,7 @@ def test_launch_ends_stale_tpu_holders_first(fake, tmp_path):
 def test_create_retries_only_while_the_zone_has_no_capacity(fake):
   fake.script("create.results", "capacity", "capacity", "ok")
   result = fake.run("create.sh", QUEUED="0")
-  assert result.returncode == 0 and fake.verbs() == ["tpu-vm create"] * 3, result.stderr
+  assert result.returncode == 0 and fake.verbs() == ["tpu-vm describe"] + ["tpu-vm create"] * 3, result.stderr
   fake.clear()
   fake.script("create.results", "capacity")
   result = fake.run("create.sh", QUEUED="0", CREATE_RETRIES="2")

@@ -34,6 +34,7 @@ create_queued() {
     FAILED | SUSPENDED)
       echo "queued resource $QR_NAME exists and is $state: delete it first (tpu/teardown.sh)" >&2
       return 1 ;;
+    DELETING) echo "queued resource $QR_NAME is being deleted: create it again once it is gone" >&2; return 1 ;;
     *) echo "queued resource $QR_NAME already exists ($state): not creating it again" ;;
   esac
   if [[ "$DRY_RUN" == "1" || "$WAIT" != "1" ]]; then return 0; fi

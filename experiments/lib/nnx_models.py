@@ -306,6 +306,14 @@ FAMILIES = {
 REMAT = ("none", "block", "decoder")
 
 
+def family_targets(family: Family, cfg: Any) -> tuple[str, ...]:
+  """The family's attention and MLP projections present in this model (Gemma fuses q/k/v at equal head counts)."""
+  if family.name != "gemma3":
+    return family.targets
+  drop = {"q_einsum", "kv_einsum"} if cfg.num_heads == cfg.num_kv_heads else {"qkv_einsum"}
+  return tuple(t for t in family.targets if t not in drop)
+
+
 def read_config(folder: str | Path) -> dict[str, Any]:
   """``config.json`` of a model folder; a multimodal Gemma 3's ``text_config`` is taken as the model's."""
   path = Path(folder) / "config.json"
@@ -463,7 +471,8 @@ def _fit_spec(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
   return P(*out)
 
 
-def _key(path: tuple[Any, ...]) -> str:
+def path_key(path: tuple[Any, ...]) -> str:
+  """``layers.0.attn.q_einsum.w``: Tunix's dotted parameter path."""
   return ".".join(str(getattr(k, "key", k)) for k in path)
 
 
@@ -507,7 +516,7 @@ def param_shardings(abstract: Any, mesh: jax.sharding.Mesh) -> dict[str, NamedSh
   out = {}
   for (path, sharding), (_, shape) in zip(jax.tree_util.tree_flatten_with_path(shardings)[0],
                                           jax.tree_util.tree_flatten_with_path(shapes)[0]):
-    out[_key(path)] = NamedSharding(mesh, _fit_spec(sharding.spec, tuple(shape.shape), mesh))
+    out[path_key(path)] = NamedSharding(mesh, _fit_spec(sharding.spec, tuple(shape.shape), mesh))
   return out
 
 
@@ -544,16 +553,16 @@ def load_model(source: str | Path, mesh: jax.sharding.Mesh, *, dtype: Any = jnp.
   graphdef, state = nnx.split(abstract)
   shapes = nnx.to_pure_dict(state)
   shardings = param_shardings(abstract, mesh)
-  missing = [k for k in map(_key, (p for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0])) if k not in plan]
+  missing = [k for k in map(path_key, (p for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0])) if k not in plan]
   if missing:
     raise ValueError(f"{folder}: no tensor for {len(missing)} parameters of {family.model_class}, e.g. "
                      f"{missing[:5]}; is it a {family.name} checkpoint of this size?")
-  extra = sorted(set(plan) - {_key(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]})
+  extra = sorted(set(plan) - {path_key(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]})
   if extra:
     raise ValueError(f"{folder}: tensors map to {extra[:5]}, which {family.model_class} does not have.")
 
   def create(path: tuple[Any, ...], spec: jax.ShapeDtypeStruct) -> jax.Array:
-    key = _key(path)
+    key = path_key(path)
     recipe = plan[key]
     if tuple(recipe.shape) != tuple(spec.shape):
       raise ValueError(f"{key}: the checkpoint gives shape {recipe.shape}, {family.model_class} expects {spec.shape}.")
@@ -634,4 +643,4 @@ def iter_params(model: Any) -> Iterable[tuple[str, jax.Array]]:
   """``(path, array)`` of every parameter of a model (tests, memory checks)."""
   _, state = nnx.split(model)
   for path, x in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]:
-    yield _key(path), x
+    yield path_key(path), x

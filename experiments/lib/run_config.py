@@ -34,7 +34,9 @@ class RunConfig:
     dtype: the base's parameter dtype (``bfloat16``; ``float32`` for CPU checks).
     remat: Tunix's rematerialisation, ``none``, ``block`` or ``decoder`` (least memory).
     loss_chunk: positions whose logits are computed at once.
-    hbm_gib: memory per chip; ``None`` reads it from the device (CPU: no check).
+    accelerator: the Cloud TPU type the config is made for (``v4-32``, ``v5litepod-16``): its chip count and
+      memory per chip (``experiments.pod_memory`` tabulates the configs).
+    hbm_gib: memory per chip; ``None``: the accelerator's, else what the device reports (CPU: no check).
     usable_fraction: share of ``hbm_gib`` a run may plan for (the rest is XLA's scratch).
     generate: held-out prompts decoded greedily after training (0: none).
     max_new_tokens: tokens generated per prompt.
@@ -63,6 +65,7 @@ class RunConfig:
   checkpoint_every: int = 100
   keep_checkpoints: int = 2
   eval_every: int = 100
+  accelerator: str | None = None
   hbm_gib: float | None = None
   usable_fraction: float = 0.9
   generate: int = 0
@@ -77,6 +80,9 @@ class RunConfig:
     for name in ("global_batch", "seq_len", "pack", "steps", "loss_chunk", "eval_every"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.hbm_gib is None and self.accelerator:
+      from experiments.lib.chip_memory import hbm_of  # noqa: PLC0415
+      object.__setattr__(self, "hbm_gib", hbm_of(self.accelerator))
     if self.seq_len > self.loss_chunk and self.seq_len % self.loss_chunk:
       raise ValueError(f"seq_len={self.seq_len} is not a multiple of loss_chunk={self.loss_chunk}: make it one.")
 

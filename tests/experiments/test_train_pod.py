@@ -135,6 +135,9 @@ def test_killed_and_relaunched_pod_run_ends_with_the_same_adapter_file(tmp_path,
   assert [r["loss"] for r in rows] == [r["loss"] for r in reference_rows]
   assert "eval_loss" in rows[-1] and rows[-1]["eval_loss"] == reference_rows[-1]["eval_loss"]
   assert len({r["loss"] for r in rows}) == 6  # the losses move: equal lists are no coincidence
+  # The generation eval (2 held-out prompts, greedy) ran on the trained adapter, the same in both runs.
+  generations = bucket("run/generations.jsonl").read_text()
+  assert len(generations.splitlines()) == 2 and generations == bucket("reference/generations.jsonl").read_text()
 
 
 def pools(path):

@@ -18,6 +18,7 @@ import pytest
 
 from experiments.lib import nnx_models
 from helpers import assert_close
+from tiny_hf import tiny_gemma3  # noqa: F401  (fixtures)
 from mos_jax import parallel
 
 ROOT = Path(__file__).resolve().parents[2]

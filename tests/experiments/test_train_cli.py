@@ -10,6 +10,7 @@ from experiments import train
 from experiments.lib import chat_data, chip_memory
 from experiments.lib.run_config import RunConfig, load_config, parse_mesh
 from mos_jax.parallel import MeshConfig
+from tiny_hf import instruction_rows, tiny_gemma3  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "experiments" / "configs").glob("*.py"))

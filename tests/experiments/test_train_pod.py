@@ -24,6 +24,7 @@ import pytest
 
 import mos_jax
 from helpers import assert_close
+from tiny_hf import instruction_rows, tiny_gemma3  # noqa: F401  (fixtures)
 from test_gcs_workdir import BUCKET, fake_gcs  # noqa: F401  (the bucket fixture)
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 SAMPLE_TEXT = [
     "the quick brown fox jumps over the lazy dog", "what is two plus two? four.", "name a colour: blue",
@@ -99,3 +101,17 @@ def llama3_folder(folder: Path, *, seed: int = 0, rope_scaling: dict | None = No
       p.copy_(torch.randn_like(p) * (0.3 + 1.0 if "norm" in name else 64 ** -0.5))
   model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True, max_shard_size=shard_size)
   return folder
+
+
+# Fixtures (imported by the test modules: a conftest.py here would shadow tests/conftest.py's `import conftest`).
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory):
+  """A tiny Gemma 3 folder: bf16 safetensors in 4 shards with an index, config.json, tokenizer with chat template."""
+  return gemma3_folder(tmp_path_factory.mktemp("tiny_gemma3"))
+
+
+@pytest.fixture(scope="session")
+def instruction_rows(tmp_path_factory):
+  return instruction_file(tmp_path_factory.mktemp("data") / "rows.jsonl")

@@ -173,7 +173,12 @@ def fake(tmp_path):
     f.chmod(0o755)
   for i in range(2):
     (tmp_path / f"worker{i}").mkdir()
-  return Fake(tmp_path)
+  yield Fake(tmp_path)
+  for pid_file in tmp_path.glob("worker*/mos_run/train.pid"):  # no stub trainer outlives its test
+    try:
+      os.killpg(int(pid_file.read_text()), 9)  # the launch wrapper leads its own session
+    except (ProcessLookupError, ValueError):
+      pass
 
 
 class Fake:

@@ -398,18 +398,22 @@ def tunix_config(hf: Mapping[str, Any], family: Family, *, dtype: Any = jnp.bflo
         global_base_frequency=int(hf.get("rope_theta", 1_000_000)),
         global_scale_factor=float(scaling.get("factor", 1.0)), query_pre_attn_norm=query_norm,
         param_dtype=dtype, **common)
-  # Tunix 0.1.7's Llama 3 / Qwen 3 ignore rope_theta and rope_scaling: rotate with the checkpoint's (tunix_rope).
-  tunix_rope.install(family.name, head_dim, float(hf.get("rope_theta", 10_000)), scaling or None)
+  # Tunix 0.1.7's Llama 3 / Qwen 3 ignore rope_theta and rope_scaling: the config records both, and
+  # hidden_states rotates with them (tunix_rope).
+  if scaling:
+    tunix_rope.inverse_frequencies(head_dim, float(hf.get("rope_theta", 10_000)), scaling)  # refuses other types
+  config_cls = tunix_rope.config_class(family.name)
   fields = dict(num_layers=hf["num_hidden_layers"], vocab_size=hf["vocab_size"], embed_dim=hidden,
                 hidden_dim=hf["intermediate_size"], num_heads=heads, head_dim=head_dim,
                 num_kv_heads=hf.get("num_key_value_heads", heads), rope_theta=int(hf.get("rope_theta", 10_000)),
                 norm_eps=float(hf.get("rms_norm_eps", 1e-6)), **common)
+  fields["rope_scaling"] = tuple(sorted(scaling.items()))
   if family.name == "llama3":
-    return mod.ModelConfig(weight_tying=bool(hf.get("tie_word_embeddings", False)), **fields)
+    return config_cls(weight_tying=bool(hf.get("tie_word_embeddings", False)), **fields)
   if hf.get("num_experts"):
     raise ValueError("Mixture-of-experts Qwen 3 is not supported: use a dense Qwen 3.")
-  return mod.ModelConfig(use_tied_embedding=bool(hf.get("tie_word_embeddings", False)), dtype=dtype,
-                         param_dtype=dtype, **fields)
+  return config_cls(use_tied_embedding=bool(hf.get("tie_word_embeddings", False)), dtype=dtype, param_dtype=dtype,
+                    **fields)
 
 
 def recipes(family: Family, cfg: Any, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, Any], list[str]]:
@@ -593,7 +597,8 @@ def hidden_states(model: Any, tokens: jax.Array, positions: jax.Array, mask: jax
   head can be applied chunk by chunk (:func:`token_nll`). Works on adapted
   models (``mos_jax.nnx.adapt`` wraps projections, not layers).
   """
-  with jax.numpy_rank_promotion("allow"):  # Tunix's models broadcast implicitly
+  # Tunix's models broadcast implicitly; its Llama 3 / Qwen 3 need the checkpoint's RoPE (tunix_rope).
+  with jax.numpy_rank_promotion("allow"), tunix_rope.using(model.config):
     x = model.embedder.encode(tokens)
     for layer in model.layers:
       _, x = layer(x, positions, None, mask)

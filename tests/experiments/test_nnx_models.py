@@ -143,18 +143,22 @@ def test_two_processes_each_read_only_their_devices_slices(tiny_gemma3, sharded)
       assert_close(total, float(np.asarray(whole[k], np.float32).sum()), rtol=1e-2)
 
 
-@pytest.mark.parametrize("scaling", [None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}],
-                         ids=["llama3", "llama3.1-scaling"])
-def test_llama3_logits_equal_hugging_face(tmp_path, scaling):
-  """Tunix 0.1.7's Llama 3 ignores rope_theta (500,000 for Llama 3) and rope_scaling; the loader fixes both."""
-  torch = pytest.importorskip("torch")
-  from tiny_hf import llama3_folder
-  from transformers import LlamaForCausalLM
+LLAMA31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+           "original_max_position_embeddings": 16}
 
-  folder = llama3_folder(tmp_path / "llama", rope_scaling=scaling)
+
+@pytest.mark.parametrize("family,scaling", [("llama3", None), ("llama3", LLAMA31), ("qwen3", None)],
+                         ids=["llama3", "llama3.1-scaling", "qwen3"])
+def test_llama3_and_qwen3_logits_equal_hugging_face(tmp_path, family, scaling):
+  """Tunix 0.1.7's Llama 3 / Qwen 3 ignore rope_theta (500,000 for Llama 3) and rope_scaling; the loader's
+  configs carry both and hidden_states rotates with them."""
+  torch = pytest.importorskip("torch")
+  from tiny_hf import decoder_folder
+  from transformers import AutoModelForCausalLM
+
+  folder = decoder_folder(tmp_path / family, family, rope_scaling=scaling)
   loaded = nnx_models.load_model(folder, mesh_of(data=2, fsdp=2, tensor=2), dtype=jnp.float32)
-  hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+  hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
   tokens = TOKENS % 300
   with torch.no_grad():
     reference = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()

@@ -84,18 +84,25 @@ def instruction_file(path: Path, n: int = 48, *, seed: int = 0) -> Path:
   return path
 
 
-def llama3_folder(folder: Path, *, seed: int = 0, rope_scaling: dict | None = None, shard_size: str = "150KB") -> Path:
-  """A tiny Llama 3 (GQA, rope_theta 500,000, optional Llama 3.1 scaling) in HF layout, sharded safetensors."""
+def decoder_folder(folder: Path, family: str, *, seed: int = 0, rope_scaling: dict | None = None,
+                   shard_size: str = "150KB") -> Path:
+  """A tiny Llama 3 (GQA, rope_theta 500,000, optional Llama 3.1 scaling) or Qwen 3 (rope_theta 5,000,000, q/k
+  norms, tied head) in HF layout, sharded safetensors."""
   import torch
-  from transformers import LlamaConfig, LlamaForCausalLM
+  from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
-  cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                    num_key_value_heads=2, rope_theta=500_000.0, rope_scaling=rope_scaling,
-                    max_position_embeddings=256, tie_word_embeddings=False, rms_norm_eps=1e-5)
+  common = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+  if family == "llama3":
+    cfg = LlamaConfig(rope_theta=500_000.0, rope_scaling=rope_scaling, tie_word_embeddings=False, **common)
+    model_cls = LlamaForCausalLM
+  else:
+    cfg = Qwen3Config(rope_theta=5_000_000.0, head_dim=16, tie_word_embeddings=True, **common)
+    model_cls = Qwen3ForCausalLM
   torch.manual_seed(seed)
-  model = LlamaForCausalLM(cfg)
+  model = model_cls(cfg)
   with torch.no_grad():
     for name, p in model.named_parameters():
       p.copy_(torch.randn_like(p) * (0.3 + 1.0 if "norm" in name else 64 ** -0.5))

@@ -92,6 +92,25 @@ def check_memory(cfg: RunConfig, mesh: Any, hf: dict, say: Any) -> None:
     raise SystemExit(message)
 
 
+def check_writable(workdir: Any) -> None:
+  """Writes and deletes a probe in the run folder, so a bucket without write access fails now, not at the first save.
+
+  Raises:
+    SystemExit: the probe cannot be written or deleted (the message names the permission to grant).
+  """
+  import uuid
+
+  probe = workdir / f".preflight-{uuid.uuid4().hex}"
+  try:
+    if not is_remote(workdir):
+      workdir.mkdir(parents=True, exist_ok=True)
+    probe.write_text("mos_jax preflight\n")
+    probe.unlink()
+  except Exception as e:  # noqa: BLE001  (gcsfs, OS and HTTP errors alike)
+    raise SystemExit(f"Cannot write to the run folder {workdir} ({type(e).__name__}: {e}). For a bucket, grant this "
+                     "machine's service account roles/storage.objectAdmin on it; locally, check the path.") from e
+
+
 def save_adapter_file(workdir: Any, adapter: Any) -> None:
   """``workdir/adapter.safetensors``; written locally first when ``workdir`` is a bucket."""
   import mos_jax
@@ -136,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise SystemExit(f"global_batch={cfg.global_batch} is not divisible by the data-parallel size {data_parallel} "
                      f"(mesh {dict(mesh.shape)}): use a multiple of {data_parallel}.")
   workdir = epath.Path(args.workdir)
+  if main_process:
+    check_writable(workdir)
   cache = nnx_models.default_cache_dir().parent
   folder = nnx_models.local_model_dir(cfg.model)
   hf = nnx_models.read_config(folder)

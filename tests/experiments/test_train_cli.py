@@ -118,3 +118,18 @@ def test_bad_rows_are_named(tmp_path):
   assert len(records) == 2  # the blank line is not a row
   with pytest.raises(ValueError, match=r"row 1: expected 'messages' or 'prompt' and 'response', found keys \['question'\]"):
     chat_data.messages_of(records[1], "row 1")
+
+
+def test_a_run_folder_that_cannot_be_written_is_refused_before_loading(tmp_path, tiny_gemma3, instruction_rows,
+                                                                      monkeypatch):
+  from etils import epath
+
+  def denied(self, *args, **kwargs):
+    raise PermissionError("403: does not have storage.objects.create access")
+
+  loads = []
+  monkeypatch.setattr("experiments.lib.nnx_models.load_model", lambda *a, **k: loads.append(a))
+  monkeypatch.setattr(type(epath.Path(tmp_path)), "write_text", denied)
+  with pytest.raises(SystemExit, match=r"Cannot write to the run folder .*roles/storage.objectAdmin"):
+    run_main(tmp_path, tiny_gemma3, instruction_rows)
+  assert loads == []

@@ -9,7 +9,6 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,11 +16,9 @@ import numpy as np
 import pytest
 
 from experiments.lib import nnx_models
-from helpers import assert_close
-from tiny_hf import tiny_gemma3  # noqa: F401  (fixtures)
+from oracles.helpers import REPO_ROOT, assert_close
 from mos_jax import parallel
 
-ROOT = Path(__file__).resolve().parents[2]
 TOKENS = np.array([[2, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120, 5, 6, 7],
                    [2, 7, 6, 5, 4, 3, 200, 300, 100, 11, 12, 13, 14, 15, 16, 17]], np.int32)
 
@@ -128,8 +125,8 @@ def test_two_processes_each_read_only_their_devices_slices(tiny_gemma3, sharded)
   with __import__("socket").socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"} | {"PYTHONPATH": str(ROOT)}
-  procs = [subprocess.Popen([sys.executable, "-c", WORKER, f"127.0.0.1:{port}", str(i), str(tiny_gemma3)], cwd=ROOT,
+  env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"} | {"PYTHONPATH": str(REPO_ROOT)}
+  procs = [subprocess.Popen([sys.executable, "-c", WORKER, f"127.0.0.1:{port}", str(i), str(tiny_gemma3)], cwd=REPO_ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outs = [p.communicate(timeout=300)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
@@ -153,7 +150,7 @@ def test_llama3_and_qwen3_logits_equal_hugging_face(tmp_path, family, scaling):
   """Tunix 0.1.7's Llama 3 / Qwen 3 ignore rope_theta (500,000 for Llama 3) and rope_scaling; the loader's
   configs carry both and hidden_states rotates with them."""
   torch = pytest.importorskip("torch")
-  from tiny_hf import decoder_folder
+  from oracles.tiny_hf import decoder_folder
   from transformers import AutoModelForCausalLM
 
   folder = decoder_folder(tmp_path / family, family, rope_scaling=scaling)

@@ -1,19 +1,17 @@
 """`python -m experiments.train`'s checks before loading, its configs, and the instruction data pipeline."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from experiments import train
 from experiments.lib import chat_data, chip_memory
-from experiments.lib.run_config import RunConfig, load_config, parse_mesh
+from experiments.lib.run_config import load_config, parse_mesh
 from mos_jax.parallel import MeshConfig
-from tiny_hf import instruction_rows, tiny_gemma3  # noqa: F401  (fixtures)
+from oracles.helpers import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((ROOT / "experiments" / "configs").glob("*.py"))
+CONFIGS = sorted((REPO_ROOT / "experiments" / "configs").glob("*.py"))
 
 
 def test_mesh_flag():
@@ -35,7 +33,7 @@ def test_every_config_loads_and_is_consistent(path):
 
 
 def run_main(tmp_path, tiny_gemma3, instruction_rows, *extra):
-  return train.main(["--config", str(ROOT / "experiments" / "configs" / "tiny_gemma3_cpu.py"), "--model",
+  return train.main(["--config", str(REPO_ROOT / "experiments" / "configs" / "tiny_gemma3_cpu.py"), "--model",
                      str(tiny_gemma3), "--data", str(instruction_rows), "--workdir", str(tmp_path / "run"),
                      "--no-progress", *extra])
 
@@ -45,7 +43,7 @@ def test_a_run_that_does_not_fit_is_refused_before_loading_with_the_fixes(tmp_pa
   loads = []
   monkeypatch.setattr("experiments.lib.nnx_models.load_model", lambda *a, **k: loads.append(a))
   small = tmp_path / "small.py"
-  small.write_text((ROOT / "experiments" / "configs" / "tiny_gemma3_cpu.py").read_text()
+  small.write_text((REPO_ROOT / "experiments" / "configs" / "tiny_gemma3_cpu.py").read_text()
                    + "\nimport dataclasses\nCONFIG = dataclasses.replace(CONFIG, hbm_gib=0.0002)\n")
   with pytest.raises(SystemExit) as refused:
     train.main(["--config", str(small), "--model", str(tiny_gemma3), "--data", str(instruction_rows),
@@ -65,7 +63,7 @@ def test_memory_of_the_base_is_its_shard_under_each_mesh(tiny_gemma3):
   from experiments.lib import nnx_models
 
   hf = nnx_models.read_config(tiny_gemma3)
-  cfg = load_config(str(ROOT / "experiments" / "configs" / "tiny_gemma3_cpu.py"))
+  cfg = load_config(str(REPO_ROOT / "experiments" / "configs" / "tiny_gemma3_cpu.py"))
   whole = chip_memory.plan(cfg, hf, parallel.make_mesh(MeshConfig(data=1), devices=[parallel.make_mesh(
       MeshConfig(data=-1)).devices.flat[0]]))[0].base
   split = chip_memory.plan(cfg, hf, parallel.make_mesh(MeshConfig(data=1, fsdp=4, tensor=2)))[0].base

@@ -16,19 +16,16 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 import mos_jax
-from helpers import assert_close
-from tiny_hf import instruction_rows, tiny_gemma3  # noqa: F401  (fixtures)
-from test_gcs_workdir import BUCKET, fake_gcs  # noqa: F401  (the bucket fixture)
+from oracles.fake_gcs import BUCKET
+from oracles.helpers import REPO_ROOT, assert_close
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIG = ROOT / "experiments" / "configs" / "tiny_gemma3_cpu.py"
+CONFIG = REPO_ROOT / "experiments" / "configs" / "tiny_gemma3_cpu.py"
 TIMEOUT = 600
 PREEMPTED = 143  # experiments.train.PREEMPTED_EXIT
 # The workers run the module with PyTorch unimportable: the path to a pod never needs it.
@@ -58,7 +55,7 @@ def commands(model, data, workdir, *extra, processes=2, devices=4):
 def env(extra=None):
   # Deterministic XLA on CPU: one thread per op, so a resumed run computes exactly what an unbroken one does.
   return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | (extra or {}) | {
-      "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+      "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
       "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"}
 
 
@@ -106,7 +103,7 @@ def run(model, data, workdir, tmp_path, name, *extra, processes_=2, extra_env=No
 
 
 def test_killed_and_relaunched_pod_run_ends_with_the_same_adapter_file(tmp_path, tiny_gemma3, instruction_rows,
-                                                                       fake_gcs):  # noqa: F811
+                                                                       fake_gcs):
   from etils import epath
 
   bucket = lambda path: epath.Path(f"gs://{BUCKET}/{path}")  # noqa: E731

@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from mos_jax.core import atomic_file
+from mos_jax.formats import atomic_file
 
 Batch = dict[str, np.ndarray]
 BATCH_KEYS = ("tokens", "positions", "segments", "targets", "weights")
@@ -126,7 +126,8 @@ def messages_of(row: Mapping[str, Any], where: str = "row") -> list[dict[str, st
   return messages
 
 
-def encode_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]], where: str = "row") -> tuple[list[int], list[int]]:
+def encode_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]],
+                where: str = "row") -> tuple[list[int], list[int]]:
   """Token ids of a conversation in the tokenizer's chat template, and 1 on the assistant turns' tokens.
 
   The template is rendered up to each assistant turn (with the generation
@@ -211,7 +212,8 @@ class InstructionBatches:
     ordered: visit ``indices`` once, in order (held-out sets); rows past the end are empty (weight 0).
 
   Example:
-    >>> batches = InstructionBatches(Records("train.jsonl"), range(n), tok, seq_len=512, global_batch=32, seed=0)  # doctest: +SKIP
+    >>> rows = Records("train.jsonl")  # doctest: +SKIP
+    >>> batches = InstructionBatches(rows, range(len(rows)), tok, seq_len=512, global_batch=32, seed=0)  # doctest: +SKIP
     >>> batch, examples = batches(1)  # doctest: +SKIP
   """
 
@@ -274,7 +276,8 @@ class InstructionBatches:
 
   def get_state(self) -> dict[str, Any]:
     """What the order depends on (the position is the step, stored by the checkpoint)."""
-    return {"sampler": "ordered" if self.ordered else self.SAMPLER, "seed": self.seed, "rows": len(self.indices), "global_batch": self.global_batch,
+    return {"sampler": "ordered" if self.ordered else self.SAMPLER, "seed": self.seed, "rows": len(self.indices),
+            "global_batch": self.global_batch,
             "pack": self.pack, "seq_len": self.seq_len}
 
   def set_state(self, state: Mapping[str, Any]) -> None:

@@ -33,8 +33,7 @@ from tqdm.auto import tqdm
 
 import mos_jax
 from mos_jax import parallel
-from mos_jax.core import path_str
-from mos_jax.train import adapter_identity, tree_layout
+from mos_jax.train import tree_layout
 from experiments.lib.config import RESUMABLE_CHANGES, TrainConfig
 from experiments.lib.optim import learning_rate, make_optimizer
 from experiments.lib.plots import plot_curves
@@ -53,19 +52,10 @@ class Interrupted(SystemExit):
     self.step = step
 
 
-def adapters_identity(trainable: Any) -> dict[str, Any] | None:
-  """:func:`mos_jax.train.adapter_identity` of the adapter in ``trainable`` (by tree path if several); ``None`` without."""
-  found = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(
-      trainable, is_leaf=lambda x: isinstance(x, mos_jax.Adapter))[0] if isinstance(x, mos_jax.Adapter)}
-  if len(found) == 1:
-    return adapter_identity(next(iter(found.values())))
-  return {path: adapter_identity(a) for path, a in found.items()} or None
-
-
-def _checkpointer(cfg: TrainConfig, out_dir: epath.Path, trainable: Any, params: Any,
+def _checkpointer(cfg: TrainConfig, out_dir: epath.Path, params: Any,
                   extra: dict[str, Any] | None) -> mos_jax.TrainCheckpointer:
+  # The adapters in the state need no entry: TrainCheckpointer records and checks their identity itself.
   identity = {"train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES},
-              "adapter": adapters_identity(trainable),
               "base_model": tree_layout(params)}
   if extra:
     identity["run"] = extra
@@ -171,7 +161,8 @@ def fit(loss_fn: Callable[..., jax.Array], trainable: Any, params: Any,
       ``trainable`` is differentiated, ``params`` (the frozen base) is a constant input.
     trainable: initial trainable pytree: an :class:`mos_jax.Adapter`, a dict
       holding one and a head, or full params. Checkpoints carry (and check) the
-      identity of every adapter in it. The caller's arrays are not consumed.
+      identity of every adapter in it (``mos_jax.train.TrainCheckpointer`` does).
+      The caller's arrays are not consumed.
     params: the frozen base params; never updated. With ``mesh``, already placed.
     next_batch: ``next_batch(step) -> (batch, examples in it)``, deterministic. If
       it has ``get_state() -> JSON`` and ``set_state(state)``, checkpoints store
@@ -226,7 +217,7 @@ def fit(loss_fn: Callable[..., jax.Array], trainable: Any, params: Any,
     first, ckpt = 1, None
     if cfg.checkpoint_every:
       # Leaving the block closes the checkpointer, which waits for pending saves to commit.
-      ckpt = cleanup.enter_context(_checkpointer(cfg, out_dir, trainable, params, identity))
+      ckpt = cleanup.enter_context(_checkpointer(cfg, out_dir, params, identity))
       if ckpt.all_steps():
         if not cfg.resume:
           raise FileExistsError(f"{ckpt.directory} holds checkpoints of steps {ckpt.all_steps()}: pass "

@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mos_jax.core import atomic_file
+from mos_jax.formats import atomic_file
 from experiments.lib import tunix_rope
 
 #: The files of a model folder that are fetched and read: weights as safetensors only.

@@ -126,7 +126,8 @@ def test_two_processes_each_read_only_their_devices_slices(tiny_gemma3, sharded)
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"} | {"PYTHONPATH": str(REPO_ROOT)}
-  procs = [subprocess.Popen([sys.executable, "-c", WORKER, f"127.0.0.1:{port}", str(i), str(tiny_gemma3)], cwd=REPO_ROOT,
+  procs = [subprocess.Popen([sys.executable, "-c", WORKER, f"127.0.0.1:{port}", str(i), str(tiny_gemma3)],
+                            cwd=REPO_ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outs = [p.communicate(timeout=300)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]

@@ -91,7 +91,9 @@ def test_batches_are_a_function_of_the_step_and_rows_are_made_where_they_are_hel
 
   tok = AutoTokenizer.from_pretrained(tiny_gemma3)
   records = chat_data.Records(str(instruction_rows))
-  make = lambda **kw: chat_data.InstructionBatches(records, range(40), tok, seq_len=32, global_batch=8, seed=3, **kw)  # noqa: E731
+  def make(**kw):
+    return chat_data.InstructionBatches(records, range(40), tok, seq_len=32, global_batch=8, seed=3, **kw)
+
   a, b = make(), make()
   for step in (1, 5, 9):  # step 6 starts the second epoch (40 rows / 8 per step)
     np.testing.assert_array_equal(a(step)[0]["tokens"], b(step)[0]["tokens"])
@@ -99,7 +101,8 @@ def test_batches_are_a_function_of_the_step_and_rows_are_made_where_they_are_hel
     np.testing.assert_array_equal(b.rows(step, 4, 6)["targets"], whole["targets"][4:6])
   seen = [a.example(p) for p in range(40)]
   assert sorted(seen) == list(range(40))  # an epoch visits every training row once
-  packed = chat_data.InstructionBatches(records, range(40), tok, seq_len=160, global_batch=8, seed=3, pack=2).rows(1, 0, 1)
+  packed = chat_data.InstructionBatches(records, range(40), tok, seq_len=160, global_batch=8, seed=3,
+                                        pack=2).rows(1, 0, 1)
   first, second = (a.encoded(a.example(p)) for p in (0, 1))  # the same order: pack 2 takes examples 0 and 1
   n1, n2 = len(first[0]), len(second[0])
   assert list(packed["segments"][0][:n1 + n2]) == [1] * n1 + [2] * n2 and packed["segments"][0][n1 + n2:].sum() == 0
@@ -114,7 +117,8 @@ def test_bad_rows_are_named(tmp_path):
   path.write_text('{"prompt": "a", "response": "b"}\n\n{"question": "x"}\n')
   records = chat_data.Records(str(path))
   assert len(records) == 2  # the blank line is not a row
-  with pytest.raises(ValueError, match=r"row 1: expected 'messages' or 'prompt' and 'response', found keys \['question'\]"):
+  with pytest.raises(ValueError, match=r"row 1: expected 'messages' or 'prompt' and 'response', found keys "
+                                       r"\['question'\]"):
     chat_data.messages_of(records[1], "row 1")
 
 

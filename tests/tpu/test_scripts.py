@@ -155,7 +155,8 @@ FAKE_PYTHON311 = r'''#!/usr/bin/env bash
 mkdir -p "$3/bin"
 cp "FAKE_TRAINER" "$3/bin/python"
 printf '#!/bin/sh\necho "$*" >> "$(dirname "$0")/../pip-calls"\n' > "$3/bin/pip"
-printf '#!/bin/sh\ncp "$HOME/.cache/huggingface/token" "$4/token-used" && echo "$2" > "$4/config.json" && echo "$*" > "$4/hf-args"\n' > "$3/bin/hf"
+printf '#!/bin/sh\ncp "$HOME/.cache/huggingface/token" "$4/token-used" && echo "$2" > "$4/config.json" \
+  && echo "$*" > "$4/hf-args"\n' > "$3/bin/hf"
 chmod +x "$3/bin/python" "$3/bin/pip" "$3/bin/hf"
 '''
 

@@ -42,15 +42,24 @@ ROLES = ("system", "user", "assistant")
 
 
 def local_copy(path: str, cache_dir: Path) -> Path:
-  """``path`` itself if local, else a copy of a ``gs://`` object in ``cache_dir`` (made once, atomically)."""
+  """``path`` itself if local, else a copy of a ``gs://`` object in ``cache_dir``, made atomically.
+
+  The copy is named after the object's size and modification time, so an object replaced in the bucket is
+  fetched again, never read stale from the cache.
+  """
   if "://" not in path:
     if not Path(path).is_file():
       raise FileNotFoundError(f"Data file {path} does not exist.")
     return Path(path)
   from etils import epath  # noqa: PLC0415
-  local = cache_dir / "data" / path.split("://", 1)[1]
+  remote = epath.Path(path)
+  if not remote.exists():
+    raise FileNotFoundError(f"Data file {path} does not exist (or this machine may not read it).")
+  stat = remote.stat()
+  target = cache_dir / "data" / path.split("://", 1)[1]
+  local = target.with_name(f"{target.stem}.{stat.length}-{int(stat.mtime * 1000)}{target.suffix}")
   if not local.is_file():
-    atomic_file(local, lambda tmp: Path(tmp).write_bytes(epath.Path(path).read_bytes()))
+    atomic_file(local, lambda tmp: Path(tmp).write_bytes(remote.read_bytes()))
   return local
 
 

@@ -99,14 +99,20 @@ def local_model_dir(source: str, cache_dir: str | Path | None = None) -> Path:
     from etils import epath  # noqa: PLC0415
     remote = epath.Path(source)
     local = cache / "gs" / source.removeprefix("gs://").strip("/")
-    if (local / ".complete").is_file():
+    wanted = sorted((p for p in remote.iterdir() if _wanted(p.name)), key=lambda p: p.name)
+    if not wanted:
+      raise FileNotFoundError(f"No config.json or *.safetensors in {source}.")
+    # The listing (names and sizes) marks a complete copy: a folder changed in the bucket is fetched again.
+    listing = json.dumps([[p.name, p.stat().length] for p in wanted])
+    marker = local / ".complete"
+    if marker.is_file() and marker.read_text() == listing:
       return local
     local.mkdir(parents=True, exist_ok=True)
-    for item in sorted(remote.iterdir(), key=lambda p: p.name):
-      if _wanted(item.name) and not (local / item.name).is_file():
-        # Each file lands whole or not at all: a killed copy leaves no half file to trust later.
-        atomic_file(local / item.name, lambda tmp, item=item: Path(tmp).write_bytes(item.read_bytes()))
-    (local / ".complete").touch()
+    marker.unlink(missing_ok=True)
+    for item in wanted:
+      # Each file lands whole or not at all: a killed copy leaves no half file to trust later.
+      atomic_file(local / item.name, lambda tmp, item=item: Path(tmp).write_bytes(item.read_bytes()))
+    marker.write_text(listing)
     return local
   folder = Path(source).expanduser()
   if not folder.is_dir():

@@ -48,6 +48,27 @@ def test_a_bucket_without_gcsfs_fails_early_with_the_fix(monkeypatch):
   workdir.require_filesystem("/tmp/run")  # local paths need nothing
 
 
+def test_data_and_model_folders_in_a_bucket_are_fetched_safetensors_only_and_never_stale(fake_gcs, tmp_path,
+                                                                                        tiny_gemma3):
+  from experiments.lib import chat_data, nnx_models
+
+  rows = gs("data/rows.jsonl")
+  rows.write_text('{"prompt": "a", "response": "b"}\n')
+  assert chat_data.Records(str(rows), tmp_path)[0]["prompt"] == "a"
+  rows.write_text('{"prompt": "c", "response": "d"}\n{"prompt": "e", "response": "f"}\n')  # replaced in the bucket
+  again = chat_data.Records(str(rows), tmp_path)
+  assert len(again) == 2 and again[0]["prompt"] == "c"
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    chat_data.Records(f"gs://{BUCKET}/data/missing.jsonl", tmp_path)
+
+  for f in tiny_gemma3.iterdir():
+    gs(f"models/tiny/{f.name}").write_bytes(f.read_bytes())
+  gs("models/tiny/pytorch_model.bin").write_bytes(b"a pickle: never fetched")
+  folder = nnx_models.local_model_dir(f"gs://{BUCKET}/models/tiny", tmp_path)
+  assert sorted(p.name for p in folder.iterdir()) == sorted([".complete", *(f.name for f in tiny_gemma3.iterdir())])
+  assert nnx_models.read_config(folder)["model_type"] == "gemma3_text"
+
+
 def test_a_torn_last_line_is_skipped_and_damage_in_the_middle_refused(tmp_path):
   from experiments.lib.workdir import JsonlLog, read_rows
 

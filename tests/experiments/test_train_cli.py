@@ -112,6 +112,21 @@ def test_batches_are_a_function_of_the_step_and_rows_are_made_where_they_are_hel
     a.set_state({**a.get_state(), "rows": 41})
 
 
+def test_parquet_rows_or_the_install_that_reads_them(tmp_path):
+  import importlib.util
+
+  path = tmp_path / "rows.parquet"
+  if importlib.util.find_spec("pyarrow") is None:
+    path.write_bytes(b"PAR1")
+    with pytest.raises(ImportError, match="needs pyarrow: pip install pyarrow"):
+      chat_data.Records(str(path))
+    return
+  import pandas as pd
+  pd.DataFrame({"prompt": ["a", "b"], "response": ["c", "d"]}).to_parquet(path)
+  records = chat_data.Records(str(path))
+  assert len(records) == 2 and chat_data.messages_of(records[1])[1] == {"role": "assistant", "content": "d"}
+
+
 def test_bad_rows_are_named(tmp_path):
   path = tmp_path / "rows.jsonl"
   path.write_text('{"prompt": "a", "response": "b"}\n\n{"question": "x"}\n')

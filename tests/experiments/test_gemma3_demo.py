@@ -251,3 +251,22 @@ def test_demo_smoke_run_writes_its_outputs_and_a_peft_export(tmp_path):
   # The export holds LoRA-sized factors (8x the MoS pools): rank 8 on every projection of 18 layers.
   export = (out / "peft" / "adapter_model.safetensors").stat().st_size
   assert export > 7 * (out / "adapter.safetensors").stat().st_size
+
+
+@pytest.mark.slow
+def test_open_gguf_reads_what_gguf_reader_reads():
+  _real()
+  import gguf
+
+  path = gemma3.gguf_path()
+  fast, plain = gemma3.open_gguf(path), gguf.GGUFReader(path)
+  assert list(fast.fields) == list(plain.fields)
+  for name, field in plain.fields.items():
+    other = fast.fields[name]
+    assert other.types == field.types and other.data == field.data
+    assert all(np.array_equal(a, b) for a, b in zip(other.parts, field.parts, strict=True)), name
+  assert [t.name for t in fast.tensors] == [t.name for t in plain.tensors]
+  for a, b in zip(fast.tensors, plain.tensors):
+    assert (a.tensor_type, a.shape.tolist(), a.data_offset) == (b.tensor_type, b.shape.tolist(), b.data_offset)
+    np.testing.assert_array_equal(a.data, b.data)
+    assert type(a.data) is np.ndarray  # a plain view, not np.memmap

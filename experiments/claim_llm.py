@@ -58,7 +58,7 @@ from experiments.lib.sentiment_data import get_data
 
 RESULTS = RESULTS_DIR / "claim_llm.jsonl"
 QUICK_RESULTS = REPO / "runs" / "claim_llm_quick" / "claim_llm.jsonl"
-README = REPO / "README.md"
+README = REPO / "docs" / "results.md"  # the results page holds the tables between markers
 MARKERS = ("<!-- claim-llm:start -->", "<!-- claim-llm:end -->")
 
 PROMPT = "Review: {text}\nSentiment (positive or negative):"

@@ -283,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> None:
              "base_answer_nll": before["loss"], "mos_answer_nll": after["loss"], "steps": cfg.steps, "lr": cfg.lr,
              "step_seconds": result["step_seconds"], "trainable_params": trainable,
              "base_params": trained.base_params, "phase_seconds": phase.seconds, "samples": samples}
-  mos_jax.core.atomic_file(out / "samples.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
+  mos_jax.formats.atomic_file(out / "samples.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
   peft_bytes = sum(f.stat().st_size for f in peft_dir.iterdir())
 
   print(f"\n{'':<22}{'accuracy':>10}{'not a label':>14}{'answer NLL':>12}")

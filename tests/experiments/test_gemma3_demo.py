@@ -10,15 +10,13 @@ import hashlib
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from experiments import gemma3_demo as demo
 from experiments.lib import gemma3, instruct
-
-ROOT = Path(__file__).resolve().parents[2]
+from oracles.helpers import REPO_ROOT, assert_close
 
 
 class WordTokenizer:
@@ -198,7 +196,6 @@ def test_greedy_answer_is_the_generators_first_token_and_the_initial_adapter_is_
   _real()
   import jax
   import mos_jax
-  from helpers import assert_close
 
   model, tok = gemma3.load_gemma3_270m()
   texts = ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés from start to finish",
@@ -227,7 +224,7 @@ def test_demo_smoke_run_writes_its_outputs_and_a_peft_export(tmp_path):
   text = subprocess.run([sys.executable, "-m", "experiments.gemma3_demo", "--steps", "2", "--eval-size", "8",
                          "--generated", "--no-progress", "--model", str(model_file), "--rank", "8",
                          "--equivalent-rank", "1", "--lr", "0.002", "--out", str(out)],
-                        check=True, capture_output=True, text=True, timeout=900, cwd=ROOT).stdout
+                        check=True, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT).stdout
   assert "+ MoS adapter" in text and "data: generated:seed=0" in text and "time per phase:" in text
   for name in ("metrics.jsonl", "curves.png", "adapter.safetensors", "mos_config.json", "samples.json",
                "peft/adapter_config.json", "peft/adapter_model.safetensors"):

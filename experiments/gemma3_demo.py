@@ -88,12 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--eval-size", type=int, default=d.eval_size, help="held-out reviews scored before and after")
   p.add_argument("--model", default=DEFAULT_MODEL,
                  help="a GGUF file of Gemma 3 270M (any llama.cpp quantization), or the default: the PyPI package")
-  p.add_argument("--data-dir", default=None, help="folder with SST-2's train.tsv/dev.tsv (default: "
-                 "$MOS_DATA_DIR/sst2, else ../shared/data/sst2 beside the repository)")
+  p.add_argument("--data-dir", default=None, help="folder with SST-2's train.tsv/dev.tsv; if unset, "
+                 "$MOS_DATA_DIR/sst2, else ../shared/data/sst2 beside the repository")
   p.add_argument("--generated", action="store_true", help="use the generated sentiment set, not SST-2")
   p.add_argument("--out", default="runs/demo/gemma3", help="output folder")
   p.add_argument("--cache-dir", default=None,
-                 help="where the converted weights are cached (default: $MOS_CACHE_DIR, else ~/.cache/mos_jax)")
+                 help="where the converted weights are cached; if unset, $MOS_CACHE_DIR/gemma3-270m, else "
+                 "~/.cache/mos_jax/gemma3-270m")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   return p
 

@@ -15,8 +15,10 @@ import argparse
 import dataclasses
 import os
 import time
+from typing import Sequence
 
 import mos_jax
+from experiments.lib import cli
 from experiments.lib.classification import train
 from experiments.lib.config import TrainConfig
 from experiments.lib.minilm import load_minilm
@@ -39,14 +41,19 @@ class DemoConfig:
       target_modules=mos_jax.core.BERT_TARGETS)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+  """The command line (``--help`` lists every flag with its default)."""
+  parser = cli.parser(__doc__)
   parser.add_argument("--data-dir", default=default_data_dir("sst2"), help="folder with train.tsv and dev.tsv")
   parser.add_argument("--allow-network", action="store_true", help="try HF datasets when no --data-dir")
   parser.add_argument("--generated", action="store_true", help="use the generated data set, not SST-2")
-  parser.add_argument("--steps", type=int, default=DemoConfig.steps)
-  parser.add_argument("--out", default="runs/demo")
-  args = parser.parse_args()
+  parser.add_argument("--steps", type=int, default=DemoConfig.steps, help="training steps of each run")
+  parser.add_argument("--out", default="runs/demo", help="output folder (one subfolder per run)")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  args = build_parser().parse_args(argv)
   demo = DemoConfig(steps=args.steps)
 
   start = time.perf_counter()

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_readme_example_runs():
-  code = re.search(r"## Usage\n\n```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+  code = re.search(r"## Quick start: linen and HF Flax models\n\n```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
   scope = {}
   with hf_numerics():
     exec(compile(code, "README.md", "exec"), scope)
@@ -27,7 +27,7 @@ def test_readme_example_runs():
 
 def test_readme_nnx_example_runs():
   pytest.importorskip("tunix.models.gemma3.model")
-  code = re.search(r"### Flax NNX models.*?\n```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+  code = re.search(r"## Quick start: Flax NNX.*?\n```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
   scope = {}
   with hf_numerics():  # Tunix's models broadcast implicitly
     exec(compile(code, "README.md", "exec"), scope)

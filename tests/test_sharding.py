@@ -11,8 +11,8 @@ import mos_jax
 from conftest import hf_numerics
 from mos_jax import MoSConfig
 from mos_jax.parallel import (MeshConfig, base_shardings, base_spec, batch_sharding, init_opt_state, make_mesh,
-from helpers import assert_close
                               pool_shardings)
+from helpers import assert_close
 
 IDS = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(8, 9)), jnp.int32)
 

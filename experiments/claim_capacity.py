@@ -24,7 +24,7 @@ Each finished run is one line of ``experiments/results/claim_capacity.jsonl``
     .venv/bin/python -m experiments.claim_capacity                 # what is missing, then the report
     .venv/bin/python -m experiments.claim_capacity --max-runs 10   # a sitting of at most 10 runs
     .venv/bin/python -m experiments.claim_capacity --report        # table + plot from the JSONL only
-    .venv/bin/python -m experiments.claim_capacity --quick         # smoke test (a few minutes)
+    .venv/bin/python -m experiments.claim_capacity --quick         # smoke test: 7 tiny runs (~5 min)
 """
 
 from __future__ import annotations
@@ -75,14 +75,13 @@ class Setup:
       whole rows.
     long_rows: the rows that also get one long run (on ``seeds[0]``).
     lr_from: ``None``: the lr is searched on the tuning seed; else the lrs chosen by this other
-      setup are reused (no search), runs go seed by seed across the rows, and the tuning seed
-      gets one unanalysed check run per row at that lr.
+      setup are reused (no search) and runs go seed by seed across the rows.
   """
 
   n_facts: int = 256
-  steps: int = 64
+  steps: int = 96
   batch_size: int = 16
-  lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+  lrs: tuple[float, ...] = (5e-4, 2e-3, 8e-3)
   tuning_seed: int = 1000
   seeds: tuple[int, ...] = (0, 1, 2, 3)
   rows: tuple[str, ...] = ()
@@ -130,8 +129,8 @@ ALL_ROWS = tuple(row_configs(Setup()))
 #: The run order: the pre-registered contrasts' rows first.
 MAIN = Setup(rows=("LoRA r=1", MOS, "LoRA r=8", PURE, SUBSET, PAIR, "LoRA r=2", "LoRA r=4", MOS2, MOS2_NOPRIV),
              long_rows=("LoRA r=1", MOS))
-LARGE = Setup(n_facts=512, steps=128, rows=("LoRA r=8", MOS), lr_from=MAIN)
-QUICK = Setup(n_facts=64, steps=3, batch_size=4, lrs=(3e-3,), seeds=(0, 1), rows=("LoRA r=1", "LoRA r=8", MOS),
+LARGE = Setup(n_facts=512, steps=192, rows=("LoRA r=8", MOS), lr_from=MAIN)
+QUICK = Setup(n_facts=64, steps=3, batch_size=4, lrs=(3e-3,), seeds=(0, 1), rows=("LoRA r=1", MOS),
               long_rows=("LoRA r=1",), long_factor=2, eval_batch=32)
 
 
@@ -218,9 +217,7 @@ def planned(setup: Setup, records: Sequence[dict]) -> list[dict]:
       plan += [run(row, setup.tuning_seed, lr, tuning=True) for lr in setup.lrs]
       plan += [run(row, s, lrs[row]) for s in setup.seeds if lrs[row] is not None]
   else:
-    known = [row for row in setup.rows if lrs[row] is not None]
-    plan += [run(row, setup.tuning_seed, lrs[row], tuning=True) for row in known]
-    plan += [run(row, s, lrs[row]) for s in setup.seeds for row in known]
+    plan += [run(row, s, lrs[row]) for s in setup.seeds for row in setup.rows if lrs[row] is not None]
   plan += [run(row, setup.seeds[0], lrs[row], steps=setup.long_factor * setup.steps) for row in setup.long_rows
            if lrs[row] is not None]
   return plan
@@ -328,7 +325,8 @@ def family_results(by_row: dict[str, list[dict]], pairs: Sequence[tuple[str, str
   flat = [r for rs in by_row.values() for r in rs]
   if len(by_row) < 2 or len({r["seed"] for r in flat}) < 2:
     return {}
-  out = {PRIMARY: runs.contrasts(runs.values_of(flat, PRIMARY, transform=math.log), pairs, rows=list(by_row))}
+  logs = runs.values_of(flat, PRIMARY, transform=math.log)
+  out = {PRIMARY: runs.contrasts(logs, pairs, rows=list(by_row)), "paired": runs.paired_contrasts(logs, pairs)}
   for metric in ("fact_acc", "para_acc"):
     out[metric] = runs.contrasts(runs.values_of(flat, metric), pairs, rows=list(by_row))
   return out
@@ -355,7 +353,12 @@ def rows_table(records: Sequence[dict], setup: Setup, by_row: dict[str, list[dic
     tuning = {r["lr"]: r[PRIMARY] for r in mine if r["row"] == row and r.get("tuning") and r["steps"] == setup.steps}
     grid = ", ".join(f"{lr:g}: {tuning[lr]:.2f}" for lr in sorted(tuning))
     lr = chosen_lr(records, row, setup)
-    chosen = f"**{lr:g}** ({grid})" if lr is not None else f"({len(tuning)}/{len(setup.lrs)} lrs: {grid or '-'})"
+    if setup.lr_from is not None:
+      chosen = f"{lr:g} (N = {setup.lr_from.n_facts}'s; pilot: {grid})" if lr is not None else "-"
+    elif lr is not None:
+      chosen = f"**{lr:g}** ({grid})"
+    else:
+      chosen = f"({len(tuning)}/{len(setup.lrs)} lrs: {grid or '-'})"
     rs = by_row.get(row, [])
     if not rs:
       lines.append(f"| {row} | {tuning and next(r['trainable'] for r in mine if r['row'] == row) or '-'} | {chosen} "
@@ -387,8 +390,13 @@ def verdicts(results: dict[str, list[runs.Contrast]], by_row: dict[str, list[dic
   if not results:
     return []
   out = []
+  paired = {(c.a, c.b): c for c in results["paired"]}
   for c in results[PRIMARY]:
+    check = paired.get((c.a, c.b))
     ratio = f"{math.exp(c.estimate):.3g}× [{math.exp(c.low):.3g}, {math.exp(c.high):.3g}], Holm p = {c.p_holm:.2g}"
+    if check is not None:
+      ratio += f" (paired check, {check.df} df: Holm p = {check.p_holm:.2g}" + (
+          ", agrees)" if check.significant == c.significant else ", DISAGREES: the rows' noise differs)")
     step = STEP_NAMES.get((c.a, c.b))
     what = (f"adding {step} ({c.b} -> {c.a})" if step else f"{c.a} vs {c.b}")
     if not c.significant:
@@ -463,7 +471,7 @@ def report(records: Sequence[dict], setups: Sequence[Setup] = (MAIN, LARGE), *, 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--report", action="store_true", help="only rebuild the table and plot from the JSONL")
-  parser.add_argument("--quick", action="store_true", help="smoke test: 3 rows, 3 steps, 64 facts; under runs/")
+  parser.add_argument("--quick", action="store_true", help="smoke test: 2 rows, 2 seeds, 3 steps, 64 facts; under runs/")
   parser.add_argument("--max-runs", type=int, default=None, help="stop after this many runs (a sitting)")
   parser.add_argument("--results", type=Path, default=None, help="the JSONL (default experiments/results/claim_capacity.jsonl)")
   parser.add_argument("--lock", default=LOCK, help="lock file held for each run ('' for none)")

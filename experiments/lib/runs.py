@@ -284,6 +284,23 @@ def contrasts(values: Mapping[tuple[str, Any], float], pairs: Sequence[tuple[str
   return [dataclasses.replace(c, p_holm=float(q), alpha=alpha) for c, q in zip(found, adjusted)]
 
 
+def paired_contrasts(values: Mapping[tuple[str, Any], float], pairs: Sequence[tuple[str, str]], *,
+                     alpha: float = 0.05) -> list[Contrast]:
+  """The same family with each pair's own error term (a paired t-test on their common seeds), Holm-corrected.
+
+  A check on the pooled error's assumption that every row is equally noisy: where the two
+  disagree, the rows' noise differs and the paired result is the safer one.
+  """
+  found = []
+  for a, b in pairs:
+    common = {s for r, s in values if r == a} & {s for r, s in values if r == b}
+    if len(common) >= 2:
+      pair = {(r, s): y for (r, s), y in values.items() if r in (a, b) and s in common}
+      found.append(contrast(fit_rows_seeds(pair, (a, b)), a, b))
+  adjusted = holm([c.p for c in found])
+  return [dataclasses.replace(c, p_holm=float(q), alpha=alpha) for c, q in zip(found, adjusted)]
+
+
 def values_of(records: Sequence[Mapping[str, Any]], metric: str, *,
               transform: Callable[[float], float] | None = None) -> dict[tuple[str, Any], float]:
   """``{(row, seed): metric}`` of the records (one per cell: a later record replaces an earlier one)."""

@@ -155,6 +155,18 @@ def test_contrasts_apply_holm_over_the_family_and_skip_absent_rows():
   assert family[0].significant and not family[2].significant
 
 
+def test_paired_contrasts_are_scipys_paired_t_tests_holm_corrected():
+  rng = np.random.default_rng(4)
+  values = _balanced(rng, effects=(0.0, 1.0, 0.05, 0.0))
+  pairs = [("r1", "r0"), ("r2", "r0"), ("r3", "r2")]
+  family = runs.paired_contrasts(values, pairs)
+  y = {r: np.array([values[(r, s)] for s in range(5)]) for r in ("r0", "r1", "r2", "r3")}
+  ref = [stats.ttest_rel(y[a], y[b]) for a, b in pairs]
+  assert_close(np.array([c.t for c in family]), np.array([t.statistic for t in ref]))
+  assert_close(np.array([c.p_holm for c in family]), runs.holm([t.pvalue for t in ref]))
+  assert all(c.df == 4 for c in family)
+
+
 def test_bad_fits_are_refused():
   with pytest.raises(ValueError, match="no residual degree"):
     runs.fit_rows_seeds({("a", 0): 1.0, ("b", 0): 2.0})

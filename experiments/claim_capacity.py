@@ -130,6 +130,11 @@ ALL_ROWS = tuple(row_configs(Setup()))
 MAIN = Setup(rows=("LoRA r=1", MOS, "LoRA r=8", PURE, SUBSET, PAIR, "LoRA r=2", "LoRA r=4", MOS2, MOS2_NOPRIV),
              long_rows=("LoRA r=1", MOS))
 LARGE = Setup(n_facts=512, steps=192, rows=("LoRA r=8", MOS), lr_from=MAIN)
+#: The pilot that chose N and the steps, run first: LoRA r=1, MoS and LoRA r=8 at the grid's middle lr on the
+#: tuning seed, at both N. Its N = 256 runs are also those rows' lr-search runs at that lr; at N = 512 they are
+#: unanalysed checks that LoRA r=8 and MoS do not both saturate.
+PILOT = (dataclasses.replace(MAIN, rows=("LoRA r=1", MOS, "LoRA r=8"), lrs=MAIN.lrs[1:2], seeds=(), long_rows=()),
+         dataclasses.replace(LARGE, rows=(MOS, "LoRA r=8"), lr_from=None, lrs=MAIN.lrs[1:2], seeds=()))
 QUICK = Setup(n_facts=64, steps=3, batch_size=4, lrs=(3e-3,), seeds=(0, 1), rows=("LoRA r=1", MOS),
               long_rows=("LoRA r=1",), long_factor=2, eval_batch=32)
 
@@ -271,8 +276,12 @@ def run_missing(setups: Sequence[Setup], path: Path, *, max_runs: int | None = N
         tasks[key] = encode_task(tokenizer, setup, run["seed"])
       with runs.heavy_lock(lock) as waited:
         load_before, start = runs.loadavg(), time.perf_counter()
-        result = train_and_score(model, tasks[key], configs[run["row"]], setup, lr=run["lr"], seed=run["seed"],
-                                 steps=run["steps"], name=run["row"])
+        try:
+          result = train_and_score(model, tasks[key], configs[run["row"]], setup, lr=run["lr"], seed=run["seed"],
+                                   steps=run["steps"], name=run["row"])
+        except FloatingPointError as e:  # diverged: recorded (NaN scores), so the lr search moves on
+          result = {**{f"{s}_{m}": math.nan for s in ("fact", "para") for m in ("nll", "acc", "greedy")},
+                    "trainable": None, "diverged": str(e), "step_seconds": math.nan}
         seconds, load_after = time.perf_counter() - start, runs.loadavg()
       record = {**run, "n_facts": setup.n_facts, **result, "batch_size": setup.batch_size,
                 "config": dataclasses.asdict(dataclasses.replace(configs[run["row"]], seed=run["seed"])),
@@ -314,7 +323,7 @@ def analysed(records: Sequence[dict], setup: Setup) -> dict[str, list[dict]]:
   for row in setup.rows:
     lr = chosen_lr(records, row, setup)
     chosen = {r["seed"]: r for r in mine if r["row"] == row and not r.get("tuning") and r["lr"] == lr
-              and r["steps"] == setup.steps and r["seed"] in setup.seeds}
+              and r["steps"] == setup.steps and r["seed"] in setup.seeds and math.isfinite(r[PRIMARY])}
     if chosen:
       out[row] = [chosen[s] for s in sorted(chosen)]
   return out
@@ -476,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--results", type=Path, default=None, help="the JSONL (default experiments/results/claim_capacity.jsonl)")
   parser.add_argument("--lock", default=LOCK, help="lock file held for each run ('' for none)")
   args = parser.parse_args(argv)
-  setups = (QUICK,) if args.quick else (MAIN, LARGE)
+  setups = (QUICK,) if args.quick else (*PILOT, MAIN, LARGE)
   path = args.results or (QUICK_RESULTS if args.quick else RESULTS)
   if not args.report:
     if args.quick and args.results is None and path.exists():
@@ -487,7 +496,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   records, note = runs.load(path)
   if note:
     print(f"note: {note}")
-  text = report(records, setups, plot=PLOT if path == RESULTS else path.with_suffix(".png"))
+  text = report(records, (QUICK,) if args.quick else (MAIN, LARGE),
+                plot=PLOT if path == RESULTS else path.with_suffix(".png"))
   print(text)
   if path == RESULTS:
     print(f"{runs.update_block(DOCS, BLOCK, text, heading=DOCS_HEADING)}: {DOCS} block {BLOCK}")

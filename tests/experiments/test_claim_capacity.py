@@ -198,6 +198,22 @@ def test_runs_on_a_tiny_gemma3_are_recorded_and_skipped_when_done(tmp_path):
   assert len(runs.load(path)[0]) == 4
 
 
+def test_a_diverged_run_is_recorded_with_nan_scores_not_retried(tmp_path, monkeypatch):
+  def blow_up(*args, **kwargs):
+    raise FloatingPointError("LoRA r=4: loss became nan at step 3; lower lr or use float32.")
+
+  monkeypatch.setattr(cc, "train_and_score", blow_up)
+  path = tmp_path / "c.jsonl"
+  setup = dataclasses.replace(cc.QUICK, rows=("LoRA r=4",), lrs=(1.0,), seeds=(0,), long_rows=(), seq_len=12)
+  load = lambda: (tiny_gemma3(layers=2, vocab=VOCAB), FactTokenizer())
+  assert cc.run_missing([setup], path, lock=None, pause=0, load=load, max_runs=2) == 2
+  tuning, seed0 = runs.load(path)[0]
+  assert math.isnan(tuning["fact_nll"]) and "loss became nan" in tuning["diverged"] and tuning["tuning"]
+  assert cc.chosen_lr([tuning], "LoRA r=4", setup) == 1.0 and seed0["seed"] == 0  # the only lr, so it goes on
+  assert cc.analysed([tuning, seed0], setup) == {}  # but a diverged run is never analysed
+  assert cc.run_missing([setup], path, lock=None, pause=0, load=load) == 0
+
+
 # ----------------------------------------------------------------------------------------------
 # The report, from a synthetic JSONL.
 

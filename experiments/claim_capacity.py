@@ -358,7 +358,7 @@ def rows_table(records: Sequence[dict], setup: Setup, by_row: dict[str, list[dic
   mine = [r for r in records if r.get("setup_hash") == setup.setup_hash()]
   lines = ["| row | trainable | lr (tuning-seed fact NLL per lr) | seeds | fact NLL | fact acc. % | "
            "paraphrase NLL | paraphrase acc. % | s/step |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
-  for row in setup.rows:
+  for row in [r for r in row_configs(setup) if r in setup.rows]:  # table order, not run order
     tuning = {r["lr"]: r[PRIMARY] for r in mine if r["row"] == row and r.get("tuning") and r["steps"] == setup.steps}
     grid = ", ".join(f"{lr:g}: {tuning[lr]:.2f}" for lr in sorted(tuning))
     lr = chosen_lr(records, row, setup)
@@ -370,12 +370,12 @@ def rows_table(records: Sequence[dict], setup: Setup, by_row: dict[str, list[dic
       chosen = f"({len(tuning)}/{len(setup.lrs)} lrs: {grid or '-'})"
     rs = by_row.get(row, [])
     if not rs:
-      lines.append(f"| {row} | {tuning and next(r['trainable'] for r in mine if r['row'] == row) or '-'} | {chosen} "
-                   "| 0 | | | | | |")
+      lines.append(f"| {row} | | {chosen} | 0 | | | | | |")
       continue
-    lines.append(f"| {row} | {rs[0]['trainable']:,} | {chosen} | {len(rs)} | {runs.mean_sd([r['fact_nll'] for r in rs])} | "
-                 f"{runs.mean_sd([r['fact_acc'] for r in rs], 100, 1)} | {runs.mean_sd([r['para_nll'] for r in rs])} | "
-                 f"{runs.mean_sd([r['para_acc'] for r in rs], 100, 1)} | {np.median([r['step_seconds'] for r in rs]):.2f} |")
+    metrics = (("fact_nll", 1, 3), ("fact_acc", 100, 1), ("para_nll", 1, 3), ("para_acc", 100, 1))
+    cells = [runs.mean_sd([r[m] for r in rs], scale, digits) for m, scale, digits in metrics]
+    lines.append(f"| {row} | {rs[0]['trainable']:,} | {chosen} | {len(rs)} | " + " | ".join(cells) +
+                 f" | {np.median([r['step_seconds'] for r in rs]):.2f} |")
   return "\n".join(lines)
 
 
@@ -430,17 +430,19 @@ def long_runs_lines(records: Sequence[dict], setup: Setup, by_row: dict[str, lis
     short = [r for r in by_row.get(row, []) if long and r["seed"] == long[-1]["seed"]]
     if long and short:
       lg, sh = long[-1], short[-1]
-      out.append(f"- N = {setup.n_facts}, {row}, seed {lg['seed']}: {setup.steps} steps -> fact NLL {sh['fact_nll']:.3f}, "
-                 f"acc. {sh['fact_acc']:.1%}, paraphrase acc. {sh['para_acc']:.1%}; {lg['steps']} steps -> fact NLL "
-                 f"{lg['fact_nll']:.3f}, acc. {lg['fact_acc']:.1%}, paraphrase acc. {lg['para_acc']:.1%}.")
+      out.append(f"- N = {setup.n_facts}, {row}, seed {lg['seed']}: {setup.steps} steps -> fact NLL "
+                 f"{sh['fact_nll']:.3f}, acc. {sh['fact_acc']:.1%}, paraphrase acc. {sh['para_acc']:.1%}; "
+                 f"{lg['steps']} steps -> fact NLL {lg['fact_nll']:.3f}, acc. {lg['fact_acc']:.1%}, paraphrase acc. "
+                 f"{lg['para_acc']:.1%}.")
   mos = by_row.get(MOS, [])
   lora1 = [r for r in mine if r["row"] == "LoRA r=1" and r["steps"] > setup.steps]
   if mos and lora1:
     ref = np.mean([r["fact_nll"] for r in mos])
-    verdict = "still short of" if lora1[-1]["fact_nll"] > ref else "reaches"
-    out.append(f"- LoRA r=1 with {setup.long_factor}x the steps {verdict} {MOS} at {setup.steps} steps (fact NLL "
-               f"{lora1[-1]['fact_nll']:.3f} vs {ref:.3f}): "
-               f"{'capacity, not only learning speed, separates them' if verdict == 'still short of' else 'the gap is at least partly learning speed'}.")
+    short = lora1[-1]["fact_nll"] > ref
+    out.append(f"- LoRA r=1 with {setup.long_factor}x the steps {'still short of' if short else 'reaches'} {MOS} at "
+               f"{setup.steps} steps (fact NLL {lora1[-1]['fact_nll']:.3f} vs {ref:.3f}): "
+               + ("capacity, not only learning speed, separates them." if short else
+                  "the gap is at least partly learning speed."))
   return out
 
 
@@ -460,8 +462,10 @@ def report(records: Sequence[dict], setups: Sequence[Setup] = (MAIN, LARGE), *, 
     by_row = analysed(records, setup)
     results = family_results(by_row, FAMILIES["main" if setup.rows == MAIN.rows else "large"])
     epochs = setup.steps * setup.batch_size / setup.n_facts
+    lrs = (f"the lrs chosen at N = {setup.lr_from.n_facts}" if setup.lr_from is not None else
+           f"lr grid {list(setup.lrs)} on tuning seed {setup.tuning_seed}")
     parts.append(f"**N = {setup.n_facts} facts**, {setup.steps} steps of {setup.batch_size} ({epochs:g} epochs), "
-                 f"lr grid {list(setup.lrs)} on tuning seed {setup.tuning_seed}, seeds {list(setup.seeds)}:\n\n"
+                 f"{lrs}, seeds {list(setup.seeds)}:\n\n"
                  + rows_table(records, setup, by_row) + "\n\n" + contrasts_table(results))
     verdict_lines += verdicts(results, by_row, setup.n_facts) + long_runs_lines(records, setup, by_row)
     if setup is setups[0]:
@@ -480,9 +484,11 @@ def report(records: Sequence[dict], setups: Sequence[Setup] = (MAIN, LARGE), *, 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--report", action="store_true", help="only rebuild the table and plot from the JSONL")
-  parser.add_argument("--quick", action="store_true", help="smoke test: 2 rows, 2 seeds, 3 steps, 64 facts; under runs/")
+  parser.add_argument("--quick", action="store_true",
+                      help="smoke test: 2 rows, 2 seeds, 3 steps, 64 facts (under runs/)")
   parser.add_argument("--max-runs", type=int, default=None, help="stop after this many runs (a sitting)")
-  parser.add_argument("--results", type=Path, default=None, help="the JSONL (default experiments/results/claim_capacity.jsonl)")
+  parser.add_argument("--results", type=Path, default=None,
+                      help="the JSONL (default experiments/results/claim_capacity.jsonl)")
   parser.add_argument("--lock", default=LOCK, help="lock file held for each run ('' for none)")
   args = parser.parse_args(argv)
   setups = (QUICK,) if args.quick else (*PILOT, MAIN, LARGE)

@@ -390,7 +390,8 @@ def table_markdown(records: list[dict], claim: ClaimConfig, names: Sequence[str]
   fams = {m: {c.a: c for c in runs.contrasts(runs.values_of(flat, m), pairs, rows=list(by_row))} if enough else {}
           for m in ("test_nll", "test_accuracy")}
   lines = ["| row | trainable | lr | held-out NLL | Δ NLL vs MoS [95% CI] | Holm p | label accuracy % | "
-           "Δ accuracy vs MoS (points) [95% CI] | Holm p | seeds |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "Δ accuracy vs MoS (points) [95% CI] | Holm p | seeds |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for name in names:
     if name == BASE_ROW:
       base = [r for r in records if r["row"] == BASE_ROW]
@@ -408,7 +409,8 @@ def table_markdown(records: list[dict], claim: ClaimConfig, names: Sequence[str]
       cells += [mean, "(reference)" if name == ref else runs.effect_cell(c, scale, digits) if c else "n/a",
                 "" if c is None else f"{c.p_holm:.2g}"]
     lines.append(f"| {name} | {rs[0]['trainable']:,} | {rs[0]['lr']:g} | " + " | ".join(cells) + f" | {len(rs)} |")
-  expected = (1 if BASE_ROW in names else 0) + sum(len(claim.lrs) + len(claim.seeds) - 1 for n in names if n != BASE_ROW)
+  trained = [n for n in names if n != BASE_ROW]
+  expected = (1 if BASE_ROW in names else 0) + len(trained) * (len(claim.lrs) + len(claim.seeds) - 1)
   done = len({(r["row"], r["lr"], r["seed"]) for r in records if r["row"] in names})
   df = next(iter(fams["test_nll"].values())).df if fams["test_nll"] else 0
   source = Path(records[0]["source"].split(":")[-1]).name if records else "-"

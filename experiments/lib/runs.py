@@ -191,7 +191,8 @@ def fit_rows_seeds(values: Mapping[tuple[str, Any], float], rows: Sequence[str] 
   rows = tuple(rows) if rows is not None else tuple(dict.fromkeys(r for r, _ in values))
   cells = [(r, s, float(y)) for (r, s), y in values.items() if r in rows]
   if len(rows) < 2 or any(not any(r == c[0] for c in cells) for r in rows):
-    raise ValueError(f"need >= 2 rows, each with an observation; got {[(r, sum(c[0] == r for c in cells)) for r in rows]}")
+    counts = [(r, sum(c[0] == r for c in cells)) for r in rows]
+    raise ValueError(f"need >= 2 rows, each with an observation; got (row, observations) {counts}")
   bad = [(r, s, y) for r, s, y in cells if not math.isfinite(y)]
   if bad:
     raise ValueError(f"non-finite observations {bad[:3]}: drop those runs or transform the metric")
@@ -359,7 +360,7 @@ def mean_sd(x: Sequence[float], scale: float = 1.0, digits: int = 3) -> str:
 
 
 def effect_cell(c: Contrast, scale: float = 1.0, digits: int = 3, *, ratio: bool = False) -> str:
-  """``"est [low, high]"`` of a contrast (``exp`` of it with ``ratio``, for a log-scale metric), bold if it survives Holm."""
+  """``"est [low, high]"`` of a contrast (``exp`` of it with ``ratio``: log metrics); bold if it survives Holm."""
   if ratio:
     text = f"{math.exp(c.estimate):.3g}× [{math.exp(c.low):.3g}, {math.exp(c.high):.3g}]"
   else:

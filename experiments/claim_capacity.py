@@ -81,7 +81,7 @@ class Setup:
   n_facts: int = 256
   steps: int = 96
   batch_size: int = 16
-  lrs: tuple[float, ...] = (5e-4, 2e-3, 8e-3)
+  lrs: tuple[float, ...] = (5e-4, 2e-3, 8e-3, 3.2e-2)
   tuning_seed: int = 1000
   seeds: tuple[int, ...] = (0, 1, 2, 3)
   rows: tuple[str, ...] = ()
@@ -130,11 +130,9 @@ ALL_ROWS = tuple(row_configs(Setup()))
 MAIN = Setup(rows=("LoRA r=1", MOS, "LoRA r=8", PURE, SUBSET, PAIR, "LoRA r=2", "LoRA r=4", MOS2, MOS2_NOPRIV),
              long_rows=("LoRA r=1", MOS))
 LARGE = Setup(n_facts=512, steps=192, rows=("LoRA r=8", MOS), lr_from=MAIN)
-#: The pilot that chose N and the steps, run first: LoRA r=1, MoS and LoRA r=8 at the grid's middle lr on the
-#: tuning seed, at both N. Its N = 256 runs are also those rows' lr-search runs at that lr; at N = 512 they are
-#: unanalysed checks that LoRA r=8 and MoS do not both saturate.
-PILOT = (dataclasses.replace(MAIN, rows=("LoRA r=1", MOS, "LoRA r=8"), lrs=MAIN.lrs[1:2], seeds=(), long_rows=()),
-         dataclasses.replace(LARGE, rows=(MOS, "LoRA r=8"), lr_from=None, lrs=MAIN.lrs[1:2], seeds=()))
+#: The pilot that checked N and the steps, run first: LoRA r=1, MoS and LoRA r=8 at 2e-3 on the tuning seed (also
+#: those rows' lr-search runs at that lr).
+PILOT = (dataclasses.replace(MAIN, rows=("LoRA r=1", MOS, "LoRA r=8"), lrs=(2e-3,), seeds=(), long_rows=()),)
 QUICK = Setup(n_facts=64, steps=3, batch_size=4, lrs=(3e-3,), seeds=(0, 1), rows=("LoRA r=1", MOS),
               long_rows=("LoRA r=1",), long_factor=2, eval_batch=32)
 

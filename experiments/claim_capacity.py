@@ -70,9 +70,9 @@ class Setup:
   Attributes:
     n_facts: ``N``, the facts to memorise (a multiple of 64).
     steps: training steps of the normal runs; the long runs take ``long_factor`` times more.
-    rows: the rows this setup runs (names of :func:`row_configs`), in the order they are run:
-      each row's lr search and seeds before the next row, so that a sitting cut short leaves
-      whole rows.
+    rows: the rows this setup runs (names of :func:`row_configs`), in the order they are run, in
+      groups of ``group``: the group's lr searches, then its seeds seed by seed across the group,
+      so that a sitting cut short leaves whole pairs to compare.
     long_rows: the rows that also get one long run (on ``seeds[0]``).
     lr_from: ``None``: the lr is searched on the tuning seed; else the lrs chosen by this other
       setup are reused (no search) and runs go seed by seed across the rows.
@@ -94,11 +94,13 @@ class Setup:
   targets: tuple[str, ...] = ("down_proj",)
   eval_batch: int = 64
   lr_from: "Setup | None" = None
+  group: int = 2
 
   def setup_hash(self) -> str:
     """What makes runs comparable: every field but the grid, seeds and row lists (extending those keeps runs)."""
     fields = {k: v for k, v in dataclasses.asdict(self).items()
-              if k not in ("lrs", "seeds", "rows", "long_rows", "tuning_seed", "long_factor", "eval_batch", "lr_from")}
+              if k not in ("lrs", "seeds", "rows", "long_rows", "tuning_seed", "long_factor", "eval_batch", "lr_from",
+                           "group")}
     task = {"train": facts.TRAIN_PROMPT, "para": facts.PARAPHRASE_PROMPT, "syllables": facts.SYLLABLES,
             "words": facts.CANDIDATE_WORDS}
     return hashlib.sha256(json.dumps({"setup": fields, "task": task}, sort_keys=True).encode()).hexdigest()[:12]
@@ -216,9 +218,10 @@ def planned(setup: Setup, records: Sequence[dict]) -> list[dict]:
   lrs = {row: chosen_lr(records, row, setup) for row in setup.rows}
   plan = []
   if setup.lr_from is None:
-    for row in setup.rows:
-      plan += [run(row, setup.tuning_seed, lr, tuning=True) for lr in setup.lrs]
-      plan += [run(row, s, lrs[row]) for s in setup.seeds if lrs[row] is not None]
+    for i in range(0, len(setup.rows), setup.group):
+      group = setup.rows[i:i + setup.group]
+      plan += [run(row, setup.tuning_seed, lr, tuning=True) for row in group for lr in setup.lrs]
+      plan += [run(row, s, lrs[row]) for s in setup.seeds for row in group if lrs[row] is not None]
   else:
     plan += [run(row, s, lrs[row]) for s in setup.seeds for row in setup.rows if lrs[row] is not None]
   plan += [run(row, setup.seeds[0], lrs[row], steps=setup.long_factor * setup.steps) for row in setup.long_rows

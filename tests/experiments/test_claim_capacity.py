@@ -136,7 +136,7 @@ def _record(setup, row, seed, lr, steps=None, nll=1.0, tuning=False, **kw):
           "tuning": tuning, "fact_nll": nll, **kw}
 
 
-def test_plan_tunes_each_row_then_runs_its_seeds_and_the_long_runs_at_the_chosen_lr():
+def test_plan_tunes_a_group_of_rows_then_runs_their_seeds_seed_by_seed_then_the_long_runs():
   setup = dataclasses.replace(cc.MAIN, rows=("LoRA r=1", cc.MOS), lrs=(1e-3, 3e-3))
   plan = cc.planned(setup, [])
   assert [(p["row"], p["seed"], p["lr"], p["tuning"]) for p in plan] == [
@@ -148,8 +148,16 @@ def test_plan_tunes_each_row_then_runs_its_seeds_and_the_long_runs_at_the_chosen
   assert cc.chosen_lr(done, "LoRA r=1", setup) == 3e-3 and cc.chosen_lr(done, cc.MOS, setup) is None
   todo = runs.missing(cc.planned(setup, done), done, cc.RUN_KEY)
   assert [(p["row"], p["seed"], p["lr"], p["steps"]) for p in todo] == [
-      *[("LoRA r=1", s, 3e-3, setup.steps) for s in setup.seeds], (cc.MOS, 1000, 3e-3, setup.steps),
+      (cc.MOS, 1000, 3e-3, setup.steps), *[("LoRA r=1", s, 3e-3, setup.steps) for s in setup.seeds],
       ("LoRA r=1", 0, 3e-3, 3 * setup.steps)]
+  done.append(_record(setup, cc.MOS, 1000, 3e-3, nll=0.4, tuning=True))
+  todo = runs.missing(cc.planned(setup, done), done, cc.RUN_KEY)
+  assert [(p["row"], p["seed"]) for p in todo[:4]] == [("LoRA r=1", 0), (cc.MOS, 0), ("LoRA r=1", 1), (cc.MOS, 1)]
+  assert [(p["row"], p["steps"]) for p in todo[-2:]] == [("LoRA r=1", 3 * setup.steps), (cc.MOS, 3 * setup.steps)]
+  # Groups of one: each row whole before the next.
+  one = dataclasses.replace(setup, group=1)
+  assert [(p["row"], p["seed"]) for p in runs.missing(cc.planned(one, done), done, cc.RUN_KEY)][3:6] == [
+      ("LoRA r=1", 3), (cc.MOS, 0), (cc.MOS, 1)]
   # A NaN (diverged) tuning run is never chosen; runs of another setup are not this one's.
   nan = [*done[:2], _record(setup, cc.MOS, 1000, 1e-3, nll=math.nan, tuning=True),
          _record(setup, cc.MOS, 1000, 3e-3, nll=9.0, tuning=True),
@@ -186,7 +194,7 @@ def test_runs_on_a_tiny_gemma3_are_recorded_and_skipped_when_done(tmp_path):
   assert cc.run_missing([setup], path, lock=str(tmp_path / "lock"), pause=0, load=load) == 4
   records, note = runs.load(path)
   assert note is None and [(r["row"], r["seed"], r["tuning"]) for r in records] == [
-      ("LoRA r=1", 1000, True), ("LoRA r=1", 0, False), ("LoRA r=2", 1000, True), ("LoRA r=2", 0, False)]
+      ("LoRA r=1", 1000, True), ("LoRA r=2", 1000, True), ("LoRA r=1", 0, False), ("LoRA r=2", 0, False)]
   r = records[0]
   for key in ("row", "seed", "lr", "steps", "n_facts", "trainable", "fact_nll", "fact_acc", "para_nll", "para_acc",
               "tuning", "seconds", "load_before", "load_after", "step_seconds", "config", "setup_hash"):

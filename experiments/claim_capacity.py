@@ -360,8 +360,8 @@ def rows_table(records: Sequence[dict], setup: Setup, by_row: dict[str, list[dic
   lines = ["| row | trainable | lr (tuning-seed fact NLL per lr) | seeds | fact NLL | fact acc. % | "
            "paraphrase NLL | paraphrase acc. % | s/step |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
   for row in [r for r in row_configs(setup) if r in setup.rows]:  # table order, not run order
-    tuning = {r["lr"]: r[PRIMARY] for r in mine if r["row"] == row and r.get("tuning") and r["steps"] == setup.steps}
-    grid = ", ".join(f"{lr:g}: {tuning[lr]:.2f}" for lr in sorted(tuning))
+    tuning = {r["lr"]: r for r in mine if r["row"] == row and r.get("tuning") and r["steps"] == setup.steps}
+    grid = ", ".join(f"{lr:g}: {tuning[lr][PRIMARY]:.2f} ({tuning[lr]['fact_acc']:.0%})" for lr in sorted(tuning))
     lr = chosen_lr(records, row, setup)
     if setup.lr_from is not None:
       chosen = f"{lr:g} (N = {setup.lr_from.n_facts}'s; pilot: {grid})" if lr is not None else "-"
@@ -447,12 +447,18 @@ def long_runs_lines(records: Sequence[dict], setup: Setup, by_row: dict[str, lis
   return out
 
 
+def total_runs(setup: Setup) -> int:
+  """The runs of a complete table (its lr searches, seeds and long runs)."""
+  search = 0 if setup.lr_from is not None else len(setup.lrs)
+  return len(setup.rows) * (search + len(setup.seeds)) + len(setup.long_rows)
+
+
 def budget_line(records: Sequence[dict], setups: Sequence[Setup]) -> str:
   mine = [r for r in records if any(r.get("setup_hash") == s.setup_hash() for s in setups)]
-  total = sum(len(planned(s, [r for r in records if r.get("setup_hash") == s.setup_hash()])) for s in setups)
+  total = sum(total_runs(s) for s in setups)
   seconds = sum(r["seconds"] for r in mine)
   loads = [r["load_before"] for r in mine if math.isfinite(r.get("load_before", math.nan))]
-  return (f"Runs done: {len(mine)} of {total} planned so far; {seconds / 3600:.2f} h of training and scoring "
+  return (f"Runs done: {len(mine)} of {total}; {seconds / 3600:.2f} h of training and scoring "
           f"(median load average at a run's start {np.median(loads) if loads else math.nan:.1f}).")
 
 

@@ -81,7 +81,7 @@ class Setup:
   n_facts: int = 256
   steps: int = 96
   batch_size: int = 16
-  lrs: tuple[float, ...] = (5e-4, 2e-3, 8e-3, 3.2e-2)
+  lrs: tuple[float, ...] = (1e-3, 2e-3, 4e-3, 8e-3)
   tuning_seed: int = 1000
   seeds: tuple[int, ...] = (0, 1, 2, 3)
   rows: tuple[str, ...] = ()
@@ -129,7 +129,7 @@ def row_configs(setup: Setup, num_layers: int = 18) -> dict[str, MoSConfig]:
 
 ALL_ROWS = tuple(row_configs(Setup()))
 #: The run order: the pre-registered contrasts' rows first.
-MAIN = Setup(rows=("LoRA r=1", MOS, "LoRA r=8", PURE, SUBSET, PAIR, "LoRA r=2", "LoRA r=4", MOS2, MOS2_NOPRIV),
+MAIN = Setup(rows=(MOS, "LoRA r=1", "LoRA r=8", PURE, SUBSET, PAIR, "LoRA r=2", "LoRA r=4", MOS2, MOS2_NOPRIV),
              long_rows=("LoRA r=1", MOS))
 LARGE = Setup(n_facts=512, steps=192, rows=("LoRA r=8", MOS), lr_from=MAIN)
 #: The pilot that checked N and the steps, run first: LoRA r=1, MoS and LoRA r=8 at 2e-3 on the tuning seed (also

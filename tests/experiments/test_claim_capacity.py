@@ -263,7 +263,7 @@ def test_report_builds_the_table_bolds_only_what_survives_holm_and_computes_the_
   assert "of 5." in eq or "of 6." in eq  # 0.1 lies between r=4 (0.3) and r=8 (0.05): ~ 2**(2 + log(3)/log(6))
   assert any("LoRA r=1 with 3x the steps still short of" in x for x in lines)
   assert "Runs done: 81 of 82;" in text  # MoS's long run is still missing
-  grid = "0.0005: 4.00 (50%), 0.002: 2.00 (50%), 0.008: 4.00 (50%), 0.032: 4.00 (50%)"
+  grid = "0.001: 4.00 (50%), 0.002: 2.00 (50%), 0.004: 4.00 (50%), 0.008: 4.00 (50%)"
   assert f"| LoRA r=1 | 100 | **0.002** ({grid}) | 4 |" in text
 
 

@@ -368,7 +368,7 @@ def rows_table(records: Sequence[dict], setup: Setup, by_row: dict[str, list[dic
     elif lr is not None:
       chosen = f"**{lr:g}** ({grid})"
     else:
-      chosen = f"({len(tuning)}/{len(setup.lrs)} lrs: {grid or '-'})"
+      chosen = f"({sum(lr in tuning for lr in setup.lrs)}/{len(setup.lrs)} grid lrs: {grid or '-'})"
     rs = by_row.get(row, [])
     if not rs:
       lines.append(f"| {row} | | {chosen} | 0 | | | | | |")

@@ -265,6 +265,11 @@ def test_report_builds_the_table_bolds_only_what_survives_holm_and_computes_the_
   assert "Runs done: 81 of 82;" in text  # MoS's long run is still missing
   grid = "0.001: 4.00 (50%), 0.002: 2.00 (50%), 0.004: 4.00 (50%), 0.008: 4.00 (50%)"
   assert f"| LoRA r=1 | 100 | **0.002** ({grid}) | 4 |" in text
+  # An lr outside the grid is shown but does not count towards the search.
+  partial = [r for r in records if not (r["row"] == cc.MOS and r.get("tuning") and r["lr"] != 2e-3)]
+  partial.append(_record(cc.MAIN, cc.MOS, 1000, 3.2e-2, nll=5.0, tuning=True, fact_acc=0.0, seconds=1.0))
+  row = next(x for x in cc.report(partial, (cc.MAIN,), plot=None).splitlines() if x.startswith(f"| {cc.MOS} |"))
+  assert "| | (1/4 grid lrs: 0.002: 0.10 (50%), 0.032: 5.00 (0%)) | 0 |" in row
 
 
 def test_equivalent_rank_outside_the_curve_says_so():

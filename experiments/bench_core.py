@@ -145,7 +145,7 @@ def factor_step_variant(loss_fn, params, batch, adapter) -> CoreVariant:
   factors = jax.jit(mos_jax.assemble)(adapter)
 
   def loss(factors, params, batch, rng):
-    with mos_jax.inject(adapter, factors=factors):
+    with mos_jax.linen.inject(adapter, factors=factors):
       return loss_fn(params, batch)
 
   return bench.train_step_variant("factors step", "adamw on MoS's (L,r,d) factors, no assembly", loss, factors,

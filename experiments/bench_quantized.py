@@ -6,7 +6,7 @@ compiles one train step per variant of the frozen base:
   f32 base            float32 params = compute dtype: no conversion at all (the
                       floor for temporaries; only with --compute float32).
   bf16 base           bfloat16 params.
-  int8 upfront        int8 kernels; mos_jax.dequantize(qparams, compute dtype)
+  int8 upfront        int8 kernels; mos_jax.linen.dequantize(qparams, compute dtype)
                       on the whole tree at the top of the jitted loss.
   int8 per-layer      int8 kernels passed to the model; dequantized_dense()
                       dequantizes each nn.Dense kernel when it is called and

@@ -54,7 +54,7 @@ def worker(n: int, mode: str, quick: bool) -> dict:
       logits = model(ids[:, :-1], params=params).logits
     return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
-  step = mos_jax.make_train_step(loss_fn, optimizer, trainable_sharding=qs, opt_state_sharding=os_,
+  step = mos_jax.linen.make_train_step(loss_fn, optimizer, trainable_sharding=qs, opt_state_sharding=os_,
                                  params_sharding=ps, batch_sharding=bs)
   ids = jax.device_put(jnp.asarray(np.random.default_rng(0).integers(0, 1024, (batch, seq)), jnp.int32), bs)
   key = jax.random.key(0)

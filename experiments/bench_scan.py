@@ -3,7 +3,7 @@
 A small Llama-shaped linen decoder (RMSNorm, causal multi-head attention with q/k/v/o, gated MLP)
 of L = 8, 16, 32 layers, MoS (r=8, r_e=1, l=2) on all seven projections, AdamW. The same weights
 are run two ways: ``nn.scan`` over one block (params stacked on the layer axis, the factors attached
-beside the kernels by ``mos_jax.linen.attach``, pools gathered once outside the scan) and unrolled
+beside the kernels by ``mos_jax.linen.with_factors``, pools gathered once outside the scan) and unrolled
 (one module per layer). For each L the script prints compile and step time of both and XLA's
 memory analysis of the scanned MoS step against the scanned frozen forward+backward (gradient
 w.r.t. the input activations only), and the same difference unrolled. The trap this guards

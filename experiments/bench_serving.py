@@ -111,7 +111,7 @@ def throughput(model: Any, params: Any, adapters: list[mos_jax.Adapter], s: Size
 
   @jax.jit
   def one(factors, input_ids, params):
-    with mos_jax.inject(template, factors=factors), jax.numpy_rank_promotion("allow"):
+    with mos_jax.linen.inject(template, factors=factors), jax.numpy_rank_promotion("allow"):
       return model(input_ids, params=params).logits
 
   @jax.jit
@@ -149,7 +149,7 @@ def memory(adapter: mos_jax.Adapter, s: Sizes, stacked_adapters: int) -> dict[st
   groups = adapter.groups
   per_rank = sum(g.num_layers * (g.d_in + g.d_out) for g in groups) * 4  # float32 bytes per unit of rank
   pools = tree_bytes(adapter.pools)
-  routing = sum(adapter.routing.index_a[g.name].nbytes + adapter.routing.index_b[g.name].nbytes for g in groups)
+  routing = sum(adapter.spec.index_a[g.name].nbytes + adapter.spec.index_b[g.name].nbytes for g in groups)
   with tempfile.TemporaryDirectory() as tmp:
     native = mos_jax.save_adapter(Path(tmp) / "adapter.safetensors", adapter).stat().st_size
     peft = (mos_jax.export_peft(Path(tmp) / "peft", adapter) / "adapter_model.safetensors").stat().st_size

@@ -201,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> None:
              "load_seconds": load_s, "total_seconds": time.perf_counter() - t0,
              "trainable_params": mos_jax.core.trainable_count(trained.config, trained.groups),
              "base_params": trained.base_params, "samples": samples}
-  mos_jax.core.atomic_file(out / "samples.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
+  mos_jax.formats.atomic_file(out / "samples.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
 
   print(f"\n{'':<22}{'accuracy':>10}{'not a label':>14}")
   print(f"{'Gemma 3 270M (base)':<22}{before['accuracy']:>10.1%}{before['not_a_label']:>14.0%}")

@@ -40,7 +40,7 @@ def main() -> None:
                     ("LoRA r=1", mos_jax.MoSConfig.lora(1))]:
     adapter = mos_jax.adapt(model.params, cfg)
     optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 3e-3, 10, STEPS))
-    step = mos_jax.make_train_step(loss_fn, optimizer)
+    step = mos_jax.linen.make_train_step(loss_fn, optimizer)
     opt_state = optimizer.init(adapter)
     start = time.perf_counter()
     for i in range(STEPS):

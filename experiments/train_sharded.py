@@ -3,7 +3,7 @@
 A config file (big_vision style: a Python file defining ``CONFIG = RunConfig(...)``) sets the
 model, the MoS adapter, the (data, fsdp, tensor) mesh and the run. The frozen base is
 FSDP/tensor-sharded by rule, pools replicated, batches split over data x fsdp, and the step
-(`mos_jax.make_train_step` with the four shardings) is jitted with explicit in/out shardings
+(`mos_jax.linen.make_train_step` with the four shardings) is jitted with explicit in/out shardings
 and donated adapter/optimizer state. Each process builds only the rows of the global batch its
 devices hold. On a Cloud TPU VM, `jax.distributed` starts from the slice's metadata.
 
@@ -195,12 +195,12 @@ def main(argv: list[str] | None = None) -> int:
       logits = model(batch[:, :-1], params=params).logits
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch[:, 1:]).mean()
 
-  step_fn = mos_jax.make_train_step(loss_fn, optimizer, trainable_sharding=adapter_sharding,
+  step_fn = mos_jax.linen.make_train_step(loss_fn, optimizer, trainable_sharding=adapter_sharding,
                                     opt_state_sharding=opt_sharding, params_sharding=params_sharding,
                                     batch_sharding=batch_sharding)
   checkpoints = mos_jax.TrainCheckpointer(
       workdir / "checkpoints", save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
-      identity={"adapter": mos_jax.core.adapter_identity(adapter),
+      identity={"adapter": mos_jax.train.adapter_identity(adapter),
                 "run": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE}})
   start = 0
   if checkpoints.latest_step() is not None:

@@ -1,6 +1,5 @@
 """Test setup: JAX strict about rank promotion, several CPU devices, tiny HF models."""
 
-import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,12 +13,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 import pytest  # noqa: E402
 from transformers import BertConfig, FlaxBertModel, FlaxLlamaForCausalLM, LlamaConfig  # noqa: E402
 
-
-@contextlib.contextmanager
-def hf_numerics():
-  """HF's Flax models broadcast implicitly; our own code stays strict elsewhere."""
-  with jax.numpy_rank_promotion("allow"):
-    yield
+from oracles.helpers import hf_numerics  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -183,7 +183,7 @@ def train_step_variant(name: str, what: str, loss_fn: Callable[[Any, Any, Any, A
   """A compiled ``mos_jax.train.make_step`` (adamw, lr 1e-3) training ``initial`` over the frozen ``base``.
 
   ``loss_fn(trainable, params, batch, rng)``; for an adapter on a linen model,
-  ``mos_jax.linen.adapted_loss(loss)`` (what ``mos_jax.make_train_step`` trains).
+  ``mos_jax.linen.adapted_loss(loss)`` (what ``mos_jax.linen.make_train_step`` trains).
   """
   opt = optax.adamw(1e-3)
   step = mos_jax.train.make_step(loss_fn, opt)

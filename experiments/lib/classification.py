@@ -79,7 +79,7 @@ class Classifier:
 
   def logits(self, trainable, params, inputs, dropout_rng=None) -> jax.Array:
     adapter = trainable.get("adapter")
-    inject = (mos_jax.inject(adapter, dropout_rng=dropout_rng) if adapter is not None
+    inject = (mos_jax.linen.inject(adapter, dropout_rng=dropout_rng) if adapter is not None
               else contextlib.nullcontext())
     # HF Flax models rely on implicit rank promotion; keep it local to the model call.
     with inject, jax.numpy_rank_promotion("allow"):

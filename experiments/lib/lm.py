@@ -106,7 +106,7 @@ def lm_loss_fn(model: Any, *, full_finetune: bool = False):
     if full_finetune:  # the params themselves are trained
       params, ctx = trainable, jax.numpy_rank_promotion("allow")
     else:
-      ctx = mos_jax.inject(trainable, dropout_rng=rng)
+      ctx = mos_jax.linen.inject(trainable, dropout_rng=rng)
     with ctx, jax.numpy_rank_promotion("allow"):
       logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], params=params).logits
     return masked_lm_loss(logits, batch["input_ids"], batch["loss_mask"])

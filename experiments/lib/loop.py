@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 import mos_jax
 from mos_jax import parallel
-from mos_jax.core import adapter_identity, path_str, tree_layout
+from mos_jax.core import path_str
+from mos_jax.train import adapter_identity, tree_layout
 from experiments.lib.config import RESUMABLE_CHANGES, TrainConfig
 from experiments.lib.optim import learning_rate, make_optimizer
 from experiments.lib.plots import plot_curves
@@ -42,7 +43,7 @@ class Interrupted(SystemExit):
 
 
 def adapters_identity(trainable: Any) -> dict[str, Any] | None:
-  """:func:`mos_jax.core.adapter_identity` of the adapter in ``trainable`` (by tree path if several); ``None`` without."""
+  """:func:`mos_jax.train.adapter_identity` of the adapter in ``trainable`` (by tree path if several); ``None`` without."""
   found = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(
       trainable, is_leaf=lambda x: isinstance(x, mos_jax.Adapter))[0] if isinstance(x, mos_jax.Adapter)}
   if len(found) == 1:

@@ -12,7 +12,8 @@ import numpy as np
 from safetensors.numpy import save_file
 
 import mos_jax
-from mos_jax.core import ROUTING_VERSION, atomic_file, path_str
+from mos_jax.core import ROUTING_VERSION, path_str
+from mos_jax.formats import atomic_file
 from experiments.lib.config import TrainConfig
 
 

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mos_jax.core import atomic_file
+from mos_jax.formats import atomic_file
 
 
 def _pyplot() -> Any:

@@ -1,7 +1,7 @@
 """The claim scripts' runs store: JSONL results, resume, rows x seeds statistics, the docs table updater.
 
 One self-describing JSON object per finished run, one per line. The file is rewritten whole
-through :func:`mos_jax.core.atomic_file` on every append (it holds a few hundred lines), so a
+through :func:`mos_jax.formats.atomic_file` on every append (it holds a few hundred lines), so a
 kill leaves the old file or the new one, never half a line. A file written by other means may
 still end in a torn line (a copy cut short): :func:`load` skips it and says so; damage anywhere
 else is refused, since dropping a finished run silently would bias the table.
@@ -34,7 +34,7 @@ import contextlib
 
 import numpy as np
 
-from mos_jax.core import atomic_file
+from mos_jax.formats import atomic_file
 
 # ----------------------------------------------------------------------------------------------
 # The store.

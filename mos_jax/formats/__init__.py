@@ -1,11 +1,15 @@
-"""Adapter files: the native MoS file (pools + routing + config) and PEFT LoRA export.
+"""Files: the native MoS adapter file, PEFT LoRA export, and the atomic write they are made with.
 
 Merged HF Flax weights are written by :func:`mos_jax.hf.export_merged`.
 """
 
-from mos_jax.formats._native import NATIVE_FORMAT, load_adapter, save_adapter
-from mos_jax.formats._peft import (PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, NameRule, export_peft, load_peft_factors,
-                                   verify_export)
+from mos_jax._src.formats.native import save_adapter  # Pools, spec and config in one checksummed safetensors file.
+from mos_jax._src.formats.native import load_adapter  # Reads it back (optionally checked against base params).
+from mos_jax._src.formats.peft import export_peft  # A PEFT LoRA folder (adapter_config.json + safetensors).
+from mos_jax._src.formats.peft import verify_export  # Checks an export folder against its manifest.
+from mos_jax._src.formats.peft import load_peft_factors  # Reads a PEFT LoRA folder's per-module factors.
+from mos_jax._src.formats.peft import NameRule  # A (regex, PEFT module names) rule of export_peft's names=.
+from mos_jax._src.io.files import atomic_file  # Writes a file through a temp file and a rename: never a half file.
 
-__all__ = ["NATIVE_FORMAT", "load_adapter", "save_adapter", "PEFT_CONFIG", "PEFT_PREFIX", "PEFT_WEIGHTS",
-           "NameRule", "export_peft", "load_peft_factors", "verify_export"]
+__all__ = ["save_adapter", "load_adapter", "export_peft", "verify_export", "load_peft_factors", "NameRule",
+           "atomic_file"]

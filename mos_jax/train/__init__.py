@@ -1,8 +1,10 @@
 """Training: the one optax step (optionally sharded) and Orbax checkpoints of the training state."""
 
-from mos_jax.train._checkpoint import (CheckpointCorruptError, CheckpointLockedError, CheckpointMismatchError, Restored,
-                                       TrainCheckpointer)
-from mos_jax.train._step import TrainableLoss, make_step
+from mos_jax._src.train.step import make_step  # A jitted optax step over any trainable pytree (pjit with shardings).
+from mos_jax._src.train.checkpoint import TrainCheckpointer  # Orbax checkpoints of the state, checked on restore.
+from mos_jax._src.train.checkpoint import Restored  # What TrainCheckpointer.restore returns (step, state, data_state).
+from mos_jax._src.train.checkpoint import CheckpointLockedError  # Another writer holds the checkpoint directory.
+from mos_jax._src.core.identity import adapter_identity  # What ties a checkpoint to one adapter on one model (JSON).
+from mos_jax._src.core.identity import tree_layout  # A pytree's leaf paths, shapes and dtypes (JSON), for identities.
 
-__all__ = ["CheckpointCorruptError", "CheckpointLockedError", "CheckpointMismatchError", "Restored", "TrainCheckpointer",
-           "TrainableLoss", "make_step"]
+__all__ = ["make_step", "TrainCheckpointer", "Restored", "CheckpointLockedError", "adapter_identity", "tree_layout"]

@@ -21,7 +21,7 @@ pytest.importorskip("tunix.models.gemma3.model", reason="needs Tunix (`pip insta
 import mos_jax  # noqa: E402
 from experiments import claim_capacity as cc  # noqa: E402
 from experiments.lib import facts, runs  # noqa: E402
-from test_claim_llm import tiny_gemma3  # noqa: E402
+from oracles.gemma3 import tiny_gemma3  # noqa: E402
 
 VOCAB = 160
 

@@ -14,7 +14,7 @@ import pytest
 from scipy import stats
 
 from experiments.lib import runs
-from helpers import assert_close
+from oracles.helpers import assert_close
 
 
 # ----------------------------------------------------------------------------------------------

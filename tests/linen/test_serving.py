@@ -1,0 +1,161 @@
+"""Multi-adapter serving: one jitted forward over rows that use different MoS adapters."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mos_jax import MoSConfig, adapt, assemble
+from mos_jax.core import row_factors, stack_adapters
+from mos_jax.linen import inject, inject_multi
+from oracles.helpers import REPO_ROOT, assert_close, hf_numerics, random_pools
+
+BASE = MoSConfig(rank=4, equivalent_rank=1, shards_per_vector=2)
+# Different seeds (so different routings), strategies and alphas: all stack together.
+CONFIGS = [BASE, dataclasses.replace(BASE, seed=1, alpha=4.0),
+           dataclasses.replace(BASE, seed=2, pair_dissociation=False, subset_selection=False)]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llama):
+  out = []
+  for k, cfg in enumerate(CONFIGS):
+    adapter = adapt(tiny_llama.params, cfg)
+    pools = jax.tree_util.tree_map(lambda x: 0.1 * x, random_pools(adapter.pools, seed=10 + k))
+    out.append(adapter.replace(pools=pools))
+  return out
+
+
+def forward_fn(model):
+  @jax.jit
+  def forward(stack, ids, input_ids):
+    with inject_multi(stack, ids), hf_numerics():
+      return model(input_ids, params=model.params).logits
+  return forward
+
+
+def alone(model, adapter, input_ids):
+  with inject(adapter), hf_numerics():
+    return np.asarray(model(input_ids, params=model.params).logits)
+
+
+def test_mixed_batch_rows_equal_each_adapter_alone(tiny_llama, adapters):
+  ids = np.array([2, 0, 1, -1, 1, 2, 0], np.int32)
+  input_ids = np.random.default_rng(0).integers(0, 64, size=(len(ids), 10)).astype(np.int32)
+  mixed = np.asarray(forward_fn(tiny_llama)(stack_adapters(adapters), ids, input_ids))
+  with hf_numerics():
+    base = np.asarray(tiny_llama(input_ids).logits)
+  for k, adapter in enumerate(adapters):
+    rows = np.flatnonzero(ids == k)
+    ref = alone(tiny_llama, adapter, input_ids[rows])
+    assert np.abs(ref - base[rows]).max() > 1e-2  # each adapter visibly changes its rows
+    # Same float32 products, grouped differently (batched per row vs shared factors).
+    assert_close(mixed[rows], ref, rtol=1e-5)
+  assert_close(mixed[ids == -1], base[ids == -1], rtol=1e-5)
+  # Adapters really differ from each other, so a row given the wrong adapter would fail above.
+  rows = np.flatnonzero(ids == 0)
+  assert np.abs(alone(tiny_llama, adapters[1], input_ids[rows]) - mixed[rows]).max() > 1e-2
+
+
+def test_row_factors_match_assembled_factors(adapters):
+  stack = stack_adapters(adapters)
+  ids = jnp.asarray([1, 2, 0, 1])
+  group = adapters[0].groups[3]
+  a, b = row_factors(stack, group, 2, ids)
+  for row, k in enumerate(np.asarray(ids)):
+    factors = assemble(adapters[k])[group.name]
+    np.testing.assert_array_equal(a[row], factors["A"][2])
+    np.testing.assert_array_equal(b[row], factors["B"][2])
+
+
+def test_new_adapters_of_the_same_shapes_reuse_the_compiled_forward(tiny_llama, adapters):
+  forward = forward_fn(tiny_llama)
+  ids = np.array([0, 1, 1], np.int32)
+  input_ids = np.ones((3, 5), np.int32)
+  forward(stack_adapters(adapters[:2]), ids, input_ids)
+  swapped = forward(stack_adapters(adapters[1:]), ids, input_ids)
+  assert forward._cache_size() == 1
+  assert_close(np.asarray(swapped)[0], alone(tiny_llama, adapters[1], input_ids[:1])[0], rtol=1e-5)
+
+
+def test_stack_memory_is_the_pools_plus_routing(adapters):
+  stack = stack_adapters(adapters)
+  assert stack.num_adapters == 3
+  pool_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(stack.pools))
+  assert pool_bytes == 3 * sum(x.nbytes for x in jax.tree_util.tree_leaves(adapters[0].pools))
+
+
+def test_refuses_incompatible_adapters_and_bad_ids(tiny_llama, adapters):
+  other_rank = adapt(tiny_llama.params, dataclasses.replace(BASE, rank=2))
+  with pytest.raises(ValueError, match="Adapter 1 cannot share a stack") as err:
+    stack_adapters([adapters[0], other_rank])
+  assert "rank: adapter 0 has 4, adapter 1 has 2" in str(err.value)
+  with pytest.raises(ValueError, match="at least one"):
+    stack_adapters([])
+  stack = stack_adapters(adapters)
+  with pytest.raises(ValueError, match=r"in \[-1, 3\)"):
+    with inject_multi(stack, np.array([0, 3])):
+      pass
+  with pytest.raises(ValueError, match="1-D integer"):
+    with inject_multi(stack, np.zeros((2, 2), np.int32)):
+      pass
+  with pytest.raises(ValueError, match="first axis is not the batch of 3"):
+    with inject_multi(stack, np.array([0, 1, 2])), hf_numerics():
+      tiny_llama(np.ones((2, 4), np.int32))
+
+
+def test_benchmark_quick_run_writes_json(tmp_path):
+  out = tmp_path / "bench.json"
+  root = REPO_ROOT
+  run = subprocess.run([sys.executable, "-m", "experiments.bench_serving", "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=root)
+  assert run.returncode == 0, run.stderr[-3000:]
+  printed = run.stdout
+  result = json.loads(out.read_text())
+  rows = result["throughput"]["rows"]
+  assert [r["adapters"] for r in rows] == [1, 4, 8]
+  assert all(r["mixed_tokens_per_s"] > 0 and r["one_at_a_time_tokens_per_s"] > 0 for r in rows)
+  memory = result["memory"]
+  # Quick sizes: r=4, r_e=2, so MoS pools hold half of LoRA(r=4)'s values.
+  assert memory["mos_pools_bytes"] * 2 == memory["lora_same_rank_bytes"]
+  assert memory["mos_file_bytes"] < memory["lora_peft_file_bytes"]
+  assert "speedup" in printed and "file (native MoS vs PEFT export)" in printed
+
+
+def test_invalid_ids_under_jit_never_serve_another_adapter(tiny_llama, adapters):
+  """Issue 13.1: traced ids 7, 3 and -5 used to be served by adapter 2 and the base model."""
+  stack = stack_adapters(adapters)
+  ids = np.array([7, 3, -5, 1, -1], np.int32)
+  input_ids = np.random.default_rng(1).integers(0, 64, size=(len(ids), 6)).astype(np.int32)
+  forward = forward_fn(tiny_llama)
+  out = np.asarray(forward(stack, jnp.asarray(ids), input_ids))
+  assert np.isnan(out[:3]).all()  # poisoned, not clipped onto adapter 2 / the base model
+  assert_close(out[3:4], alone(tiny_llama, adapters[1], input_ids[3:4]), rtol=1e-5)
+  with hf_numerics():
+    assert_close(out[4:], np.asarray(tiny_llama(input_ids[4:]).logits), rtol=1e-5)
+
+
+def test_serve_checks_ids_on_the_host_before_dispatch(tiny_llama, adapters):
+  from mos_jax.linen import serve
+  stack = stack_adapters(adapters)
+  calls = []
+
+  def forward(stack, ids, input_ids):
+    calls.append(ids)
+    return forward_fn(tiny_llama)(stack, ids, input_ids)
+
+  checked = serve(forward)
+  input_ids = np.zeros((3, 4), np.int32)
+  for bad in ([0, 3, 1], [-2, 0, 0], [0, 1, 7]):
+    with pytest.raises(ValueError, match=r"adapter_ids must lie in \[-1, 3\).*row"):
+      checked(stack, jnp.asarray(bad, jnp.int32), input_ids)
+  with pytest.raises(ValueError, match="1-D integer"):
+    checked(stack, np.zeros((3,), np.float32), input_ids)
+  assert not calls  # nothing was dispatched
+  out = checked(stack, np.array([2, -1, 0], np.int32), input_ids)
+  assert len(calls) == 1 and np.isfinite(np.asarray(out)).all()

@@ -25,7 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import mos_jax
 from experiments.lib import gemma3
+from experiments.lib.config import TrainConfig
+from experiments.lib.loop import fit
 
 Batch = dict[str, np.ndarray]
 
@@ -199,3 +202,33 @@ def metrics(sums_of: Any, batch: Batch, eval_batch: int) -> dict[str, float]:
       total[k] = total.get(k, 0.0) + float(v)
   return {"nll": total["nll"] / total["tokens"], "first_nll": total["first_nll"] / total["examples"],
           "accuracy": total["correct"] / total["examples"], "greedy": total["greedy"] / total["examples"], "n": n}
+
+
+def train_adapter(model: Any, next_batch: Any, cfg: TrainConfig, *, name: str = "run") -> dict[str, Any]:
+  """Adapts ``model`` with ``cfg.mos``, trains the adapter on :func:`response_loss` with :func:`fit`.
+
+  Args:
+    model: the frozen NNX model (not modified).
+    next_batch: ``next_batch(step) -> (batch, examples)`` (see :func:`fit`).
+    cfg: the run; ``cfg.mos`` (its ``seed`` included) makes the adapter.
+    name: the run's label.
+
+  Returns:
+    :func:`fit`'s result plus ``graphdef`` and ``state`` (the adapted model's frozen part) and
+    ``adapter`` (the trained one), for :func:`scorer`.
+  """
+  graphdef, adapter, state = mos_jax.nnx.unbind(mos_jax.nnx.adapt(model, cfg.mos))
+
+  def loss_fn(adapter, state, batch, rng):
+    return response_loss(mos_jax.nnx.bind(graphdef, adapter, state, rng=rng), batch)
+
+  result = fit(loss_fn, adapter, state, next_batch, cfg, evaluate=lambda trainable: {}, name=name)
+  return {**result, "graphdef": graphdef, "state": state, "adapter": result["trainable"]}
+
+
+def scorer(trained: dict[str, Any], choice_ids: np.ndarray) -> Any:
+  """``sums_of(batch)`` for :func:`metrics`: :func:`score_sums` of a :func:`train_adapter` result, jitted."""
+  graphdef, state, adapter = trained["graphdef"], trained["state"], trained["adapter"]
+  sums = jax.jit(lambda adapter, state, batch: score_sums(mos_jax.nnx.bind(graphdef, adapter, state), batch,
+                                                         choice_ids))
+  return lambda batch: sums(adapter, state, batch)

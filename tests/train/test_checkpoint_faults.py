@@ -134,9 +134,9 @@ def test_a_step_of_a_newer_format_is_refused_and_never_set_aside(pristine, tmp_p
       ckpt.restore(LIKE)
     assert ckpt.all_steps() == [1, 2]
   assert not (path / QUARANTINE).exists() and (path / "2" / "meta" / "metadata").exists()
-  # A newer format whose checksum fails is damage (e.g. a flipped bit turning "/2" into "/3"): set aside as before.
+  # A newer format whose checksum fails is damage (e.g. a flipped bit turning "/3" into "/4"): set aside as before.
   path = copy_of(pristine, tmp_path / "flip")
-  edit_meta(path, 2, lambda b: b.replace(b"train_checkpoint/2", b"train_checkpoint/3"))
+  edit_meta(path, 2, lambda b: b.replace(b"train_checkpoint/3", b"train_checkpoint/4"))
   assert_state(restore(path), 1)
   assert [p.name.split("-")[0] for p in (path / QUARANTINE).iterdir()] == ["2"]
 

@@ -17,21 +17,24 @@ from jax.experimental import multihost_utils
 from etils import epath
 
 from mos_jax._src.core.hashing import canonical_json, sha256_arrays
-from mos_jax._src.core.identity import as_json, differences, tree_layout
+from mos_jax._src.core.adapter import Adapter
+from mos_jax._src.core.identity import adapter_identity, as_json, differences, tree_layout
 from mos_jax._src.core.targets import path_str
 from mos_jax._src.errors import CorruptError, LockedError, MismatchError
 from mos_jax._src.io.files import FileLock
 
 #: Written into every checkpoint; bumped when the layout below changes. Format 2 adds
-#: ``meta_sha256``, a checksum of the metadata itself.
-FORMAT = "mos_jax.train_checkpoint/2"
+#: ``meta_sha256``, a checksum of the metadata itself; format 3 ``adapters``, the identity of every
+#: Adapter in the state (found by type), checked on restore whatever identity the caller passed.
+FORMAT = "mos_jax.train_checkpoint/3"
+_FORMAT_2 = "mos_jax.train_checkpoint/2"
 _LEGACY_FORMAT = "mos_jax.train_checkpoint/1"
 #: Subfolder of the checkpoint directory that unreadable steps are moved into.
 QUARANTINE = "corrupt"
 #: The writer's lock file in the checkpoint directory (local folders).
 LOCK = ".writer.lock"
 _STATE, _META = "state", "meta"
-_META_KEYS = ("format", "step", "identity", "layout", "key_impls", "sha256", "data_state", "meta_sha256")
+_META_KEYS = ("format", "step", "identity", "layout", "key_impls", "sha256", "data_state", "adapters", "meta_sha256")
 _MAX_REPORTED = 20
 
 log = logging.getLogger(__name__)
@@ -66,7 +69,9 @@ def _checked_meta(step: int, meta: Any) -> dict[str, Any]:
   if meta.get("format") == _LEGACY_FORMAT:
     warnings.warn(f"Checkpoint step {step} is format 1, whose metadata has no checksum; it is read as is.",
                   stacklevel=4)
-    expected = set(_META_KEYS) - {"meta_sha256"}
+    expected = set(_META_KEYS) - {"meta_sha256", "adapters"}
+  elif meta.get("format") == _FORMAT_2:
+    expected = set(_META_KEYS) - {"adapters"}
   elif meta.get("format") == FORMAT:
     expected = set(_META_KEYS)
   elif (_format_number(meta.get("format")) or 0) > _format_number(FORMAT) and \
@@ -88,6 +93,15 @@ def _checked_meta(step: int, meta: Any) -> dict[str, Any]:
   if meta["step"] != step:
     raise CorruptError(f"Step {step}: its metadata says step {meta['step']!r}.")
   return meta
+
+
+def adapters_identity(tree: Any) -> dict[str, Any]:
+  """``{tree path: adapter_identity}`` of every :class:`~mos_jax.Adapter` in a pytree, found by type.
+
+  The path is the adapter's "/"-joined key path in the tree (``"(root)"`` for the tree itself).
+  """
+  found = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, Adapter))[0]
+  return {path_str(p) or "(root)": adapter_identity(x) for p, x in found if isinstance(x, Adapter)}
 
 
 def _writer_lock(directory: Path) -> FileLock:
@@ -171,7 +185,7 @@ class TrainCheckpointer:
 
   Each step is an Orbax composite of the state pytree (``StandardSave``: pools,
   optimizer state, step counters, PRNG keys, anything) and a JSON item holding
-  the ``identity``, the state's layout, a SHA-256 of its values and a free JSON
+  the ``identity``, the state's layout, its adapters' identities, a SHA-256 of its values and a free JSON
   ``data_state`` (the data iterator's position). Orbax writes a step into a
   temporary folder and renames it when complete, so a crash mid-save leaves no
   step that :meth:`all_steps` reports. Restoring without a step takes the newest
@@ -181,7 +195,12 @@ class TrainCheckpointer:
   Args:
     directory: the checkpoint folder (created if missing).
     identity: JSON dict that a checkpoint must match to be restored, e.g.
-      ``{"adapter": mos_jax.train.adapter_identity(adapter), "train": {...}}``.
+      ``{"train": {...}, "base_model": mos_jax.train.tree_layout(params)}``. The
+      adapters need no entry: every :class:`~mos_jax.Adapter` in a saved state
+      (found by type, anywhere in the tree) has its :func:`adapter_identity`
+      (config, seed included, spec digest, groups) recorded, and restoring into
+      an adapter whose identity differs is refused with the differences, whatever
+      ``identity`` says.
     save_every: :meth:`save` writes only at multiples of this (unless forced).
     keep: how many most recent steps to keep; ``None`` keeps all.
     async_save: write in a background thread; :meth:`save` returns once the
@@ -279,6 +298,7 @@ class TrainCheckpointer:
       raise TypeError(f"data_state must be JSON-serialisable (ints, floats, str, lists, dicts): {e}") from e
     plain = _unwrap_keys(state)
     meta = {"format": FORMAT, "step": step, "identity": self._identity, "layout": tree_layout(state),
+            "adapters": adapters_identity(state),
             "key_impls": _key_impls(state), "sha256": _digest(plain), "data_state": data_state}
     # The metadata is checksummed too: damage to it must read as damage, not as another run.
     meta["meta_sha256"] = _meta_digest(meta)
@@ -341,7 +361,13 @@ class TrainCheckpointer:
     except Exception as e:  # Orbax and TensorStore raise assorted types for unreadable files.
       raise CorruptError(f"Step {step}: its metadata cannot be read ({_short(e)}).") from e
     meta = _checked_meta(step, meta)
-    diffs = differences(meta["identity"], self._identity) + \
+    live = adapters_identity(like)
+    if "adapters" not in meta and live:
+      warnings.warn(f"Checkpoint step {step} is format {meta['format'][-1]}, which does not record the adapters in its "
+                    "state: only the identity passed to TrainCheckpointer ties it to them.", stacklevel=3)
+    # The adapters first: a config, routing or model difference says more than the layout lines it causes.
+    diffs = (differences({"adapters": meta["adapters"]}, {"adapters": live}) if "adapters" in meta else []) + \
+        differences(meta["identity"], self._identity) + \
         differences({"state": meta["layout"]}, {"state": tree_layout(like)})
     if diffs:
       shown = "\n  - ".join(diffs[:_MAX_REPORTED])

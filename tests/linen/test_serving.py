@@ -1,6 +1,7 @@
 """Multi-adapter serving: one jitted forward over rows that use different MoS adapters."""
 
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -40,19 +41,34 @@ def forward_fn(model):
   return forward
 
 
+@pytest.fixture(scope="module")
+def forward(tiny_llama):
+  """One jitted forward for the file: calls of the same shapes, dtypes and plan kind share its compilation."""
+  return forward_fn(tiny_llama)
+
+
+@functools.lru_cache(maxsize=None)
+def _alone_fn(model):
+  @jax.jit
+  def run(adapter, input_ids):
+    with inject(adapter), hf_numerics():
+      return model(input_ids, params=model.params).logits
+  return run
+
+
 def alone(model, adapter, input_ids):
-  with inject(adapter), hf_numerics():
-    return np.asarray(model(input_ids, params=model.params).logits)
+  """The model with one adapter (mos_jax.linen.inject), jitted: eager, each call takes seconds."""
+  return np.asarray(_alone_fn(model)(adapter, input_ids))
 
 
 @pytest.mark.parametrize("mode", ["per-row", "segmented"])
-def test_mixed_batch_rows_equal_each_adapter_alone(tiny_llama, adapters, mode):
+def test_mixed_batch_rows_equal_each_adapter_alone(tiny_llama, adapters, forward, mode):
   ids = np.array([2, 0, 1, -1, 1, 2, 0], np.int32)
   input_ids = np.random.default_rng(0).integers(0, 64, size=(len(ids), 10)).astype(np.int32)
   # Traced ids gather per row; this plan made on the host computes each of the 3 adapters once for all rows.
   plan = ids if mode == "per-row" else mos_jax.core.plan_rows(ids, len(adapters), segment_max=4 * 10)
   assert mode == "per-row" or plan.slots.tolist() == [0, 1, 2, 0]
-  mixed = np.asarray(forward_fn(tiny_llama)(stack_adapters(adapters), plan, input_ids))
+  mixed = np.asarray(forward(stack_adapters(adapters), plan, input_ids))
   with hf_numerics():
     base = np.asarray(tiny_llama(input_ids).logits)
   for k, adapter in enumerate(adapters):
@@ -132,12 +148,11 @@ def test_benchmark_quick_run_writes_json(tmp_path):
   assert "speedup" in printed and "file (native MoS vs PEFT export)" in printed
 
 
-def test_invalid_ids_under_jit_never_serve_another_adapter(tiny_llama, adapters):
+def test_invalid_ids_under_jit_never_serve_another_adapter(tiny_llama, adapters, forward):
   """Issue 13.1: traced ids 7, 3 and -5 used to be served by adapter 2 and the base model."""
   stack = stack_adapters(adapters)
   ids = np.array([7, 3, -5, 1, -1], np.int32)
   input_ids = np.random.default_rng(1).integers(0, 64, size=(len(ids), 6)).astype(np.int32)
-  forward = forward_fn(tiny_llama)
   out = np.asarray(forward(stack, jnp.asarray(ids), input_ids))
   assert np.isnan(out[:3]).all()  # poisoned, not clipped onto adapter 2 / the base model
   assert_close(out[3:4], alone(tiny_llama, adapters[1], input_ids[3:4]), rtol=1e-5)
@@ -170,36 +185,37 @@ def _rows_and_tokens(ids, seed=2):
   return np.random.default_rng(seed).integers(0, 64, size=(len(ids), 6)).astype(np.int32)
 
 
-@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.int8, np.int16, np.int64])
-def test_any_integer_id_dtype_serves_the_same_rows(tiny_llama, adapters, dtype):
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint32, np.int8, np.int64])
+def test_any_integer_id_dtype_serves_the_same_rows(tiny_llama, adapters, forward, dtype):
   """Issue 20.3: unsigned ids (all valid) made every row NaN, eager, under jit and through serve()."""
   from mos_jax.linen import serve
   stack = stack_adapters(adapters)
   ids = np.array([2, 0, 1, 1, 0], np.int32)
   input_ids = _rows_and_tokens(ids)
-  forward = forward_fn(tiny_llama)
   ref = np.asarray(forward(stack, ids, input_ids))
   assert np.isfinite(ref).all()
   typed = ids.astype(dtype)
-  with inject_multi(stack, typed), hf_numerics():
-    eager = np.asarray(tiny_llama(input_ids, params=tiny_llama.params).logits)
-  assert_close(eager, ref, rtol=1e-5)
+  if np.issubdtype(dtype, np.unsignedinteger):  # eager runs take seconds: the unsigned dtypes of the issue
+    with inject_multi(stack, typed), hf_numerics():
+      eager = np.asarray(tiny_llama(input_ids, params=tiny_llama.params).logits)
+    assert_close(eager, ref, rtol=1e-5)
   assert_close(np.asarray(forward(stack, typed, input_ids)), ref, rtol=1e-5)
   assert_close(np.asarray(serve(forward)(stack, typed, input_ids)), ref, rtol=1e-5)
 
 
-@pytest.mark.parametrize("bad", [np.uint8(200), np.uint32(2**32 - 1), np.uint32(3)])
-def test_a_bad_unsigned_id_under_jit_poisons_only_its_row(tiny_llama, adapters, bad):
+@pytest.mark.parametrize("bad", [[np.uint8(200)], [np.uint32(2**32 - 1), np.uint32(3)]], ids=["uint8", "uint32"])
+def test_a_bad_unsigned_id_under_jit_poisons_only_its_row(tiny_llama, adapters, forward, bad):
   """Issue 20.3: under jit one bad unsigned id turned the valid rows NaN too (2**32 - 1 is not -1)."""
   stack = stack_adapters(adapters)
-  ids = np.array([0, 1, 2, 0], bad.dtype)
-  ids[2] = bad
+  ids = np.array([0, 1, 2, 0, 1], bad[0].dtype)
+  rows = [2, 4][:len(bad)]
+  ids[rows] = bad
   input_ids = _rows_and_tokens(ids, seed=3)
-  out = np.asarray(forward_fn(tiny_llama)(stack, jnp.asarray(ids), input_ids))
-  assert np.isnan(out[2]).all()
-  for row in (0, 1, 3):
+  out = np.asarray(forward(stack, jnp.asarray(ids), input_ids))
+  assert np.isnan(out[rows]).all()
+  for row in sorted({0, 1, 2, 3, 4} - set(rows)):
     assert_close(out[row:row + 1], alone(tiny_llama, adapters[int(ids[row])], input_ids[row:row + 1]), rtol=1e-5)
-  with pytest.raises(ValueError, match=rf"in \[-1, 3\).*row 2: {int(bad)}"):
+  with pytest.raises(ValueError, match=rf"in \[-1, 3\).*row 2: {int(bad[0])}"):
     with inject_multi(stack, ids):
       pass
 
@@ -223,7 +239,7 @@ def test_stack_for_a_smaller_model_is_refused(tiny_llama):
 
 
 @pytest.mark.parametrize("factor", ["A", "B"])
-def test_a_nan_adapter_never_touches_other_rows(tiny_llama, adapters, factor):
+def test_a_nan_adapter_never_touches_other_rows(tiny_llama, adapters, forward, factor):
   """Issue 20.5: a NaN in adapter 0 turned the base-model rows (id -1) NaN (0 * NaN = NaN)."""
   poisoned = adapters[0].replace(pools={
       n: {f: (jnp.full_like(v, jnp.nan) if f == factor else v) for f, v in p.items()}
@@ -231,7 +247,6 @@ def test_a_nan_adapter_never_touches_other_rows(tiny_llama, adapters, factor):
   stack = stack_adapters([poisoned, adapters[1], adapters[2]])
   ids = np.array([-1, 1, 0, 2, -1], np.int32)
   input_ids = _rows_and_tokens(ids, seed=4)
-  forward = forward_fn(tiny_llama)
   segmented = mos_jax.core.plan_rows(ids, 3, segment_max=4 * 6)  # adapters 0, 1, 2 (+ padding) for every row
   for out in (np.asarray(forward(stack, ids, input_ids)), np.asarray(forward(stack, segmented, input_ids))):
     assert np.isnan(out[2]).any()

@@ -19,7 +19,10 @@ from oracles.helpers import assert_close, random_pools
 g3 = pytest.importorskip("tunix.models.gemma3.model")
 sampler_lib = pytest.importorskip("tunix.generate.sampler")
 
-from nnx.test_adapt import logits, tiny_gemma3  # noqa: E402
+from nnx.test_adapt import logits as eager_logits, tiny_gemma3  # noqa: E402
+
+#: Jitted: eager, the first forward of each kind of layer takes seconds (one compilation per operation).
+logits = nnx.jit(eager_logits)
 
 CONFIG = mos_jax.MoSConfig(rank=4, equivalent_rank=2, shards_per_vector=2, target_modules=mos_jax.nnx.GEMMA3_TARGETS)
 K = 3
@@ -131,7 +134,7 @@ def test_traced_bad_ids_poison_only_their_rows(model, adapters, served):
   def forward(state, ids):
     m = nnx.merge(graphdef, state)
     mos_jax.nnx.set_adapter_ids(m, mos_jax.core.plan_rows(ids, K))  # traced: per-row gathers, NaN for bad ids
-    return logits(m, TOKENS[:4])
+    return eager_logits(m, TOKENS[:4])
 
   out = np.asarray(forward(state, jnp.asarray([1, 7, 2, 2**32 - 1], jnp.uint32)))  # 2**32 - 1 is not -1
   assert np.isnan(out[[1, 3]]).all() and np.isfinite(out[[0, 2]]).all()

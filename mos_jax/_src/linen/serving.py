@@ -89,8 +89,8 @@ def serve(forward: Callable[..., Any]) -> Callable[..., Any]:
   and with their plan (:func:`mos_jax.core.plan_rows`) in place of the ids: inside ``jit``,
   :func:`inject_multi` could only turn a bad id into NaN outputs, and could not see
   how many adapters the batch uses. The check costs one device-to-host copy of the
-  ids (they usually come from the host anyway); batches using 1, 2, 4 or 8 distinct
-  adapters (and more) compile one version each.
+  ids (they usually come from the host anyway); batches using up to 1, 2, 4, 8 or 16
+  distinct adapters (see :func:`mos_jax.core.plan_rows`), and more, compile one version each.
 
   Args:
     forward: a function whose first two arguments are the

@@ -235,7 +235,7 @@ def serve(sampler: Any, prompts: Sequence[str], adapter_ids: Any, **kwargs: Any)
   The ids are checked on the host first (a bad id raises before anything runs), written into the
   sampler's model (:func:`set_adapter_ids`), and the sampler runs as usual: one prefill and its
   KV-cache decoding loop over the whole mixed batch, compiled once per batch shape and per number of
-  distinct adapters (1, 2, 4, 8, or more).
+  distinct adapters (up to 1, 2, 4, 8 or 16, and more: :func:`mos_jax.core.plan_rows`).
 
   Args:
     sampler: a ``tunix.generate.sampler.Sampler`` made over a model of :func:`adapt_multi`.

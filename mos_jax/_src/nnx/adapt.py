@@ -14,6 +14,7 @@ from mos_jax._src.core.adapter import Adapter, dry_run as core_dry_run, require_
 from mos_jax._src.core.config import LLAMA_TARGETS, MoSConfig
 from mos_jax._src.core.pools import check_pools, init_pools
 from mos_jax._src.core.routing import make_spec
+from mos_jax._src.core.stack import AdapterStack
 from mos_jax._src.core.targets import Group, check_params, find_groups, matches
 from mos_jax._src.errors import MismatchError
 from mos_jax._src.train.step import make_step
@@ -371,12 +372,20 @@ def adapter_of(model: nnx.Module) -> Adapter:
   return Adapter(pools=pools, spec=spec, base_params=_base_count(model)).replace()
 
 
-def load_pools(model: nnx.Module, adapter: Adapter) -> None:
+def load_pools(model: nnx.Module, adapter: Adapter | AdapterStack) -> None:
   """Writes an adapter's pools into an adapted model, in place (e.g. after ``load_adapter``).
 
+  Given an :class:`~mos_jax.core.AdapterStack`, writes it into a model served by
+  :func:`mos_jax.nnx.adapt_multi` (other adapters of the same shapes, without recompiling).
+
   Raises:
-    MismatchError: the adapter's spec (config, groups, index arrays) is not the model's.
+    MismatchError: the adapter's spec (config, groups, index arrays) is not the model's; a stack
+      whose groups, rank or shapes (number of adapters included) are not the served model's.
   """
+  if isinstance(adapter, AdapterStack):
+    from mos_jax._src.nnx.serving import load_stack  # serving builds on this module
+    load_stack(model, adapter)
+    return
   check_pools(require_adapter(adapter, "load_pools").pools, adapter.spec)
   layers = [m for _, m in mos_layers(model)]
   if not layers or layers[0].spec != adapter.spec:

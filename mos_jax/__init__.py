@@ -12,7 +12,7 @@ and ``mos_jax.hf`` (HF ``transformers`` glue, optional extra).
 Example:
   >>> import jax.numpy as jnp, optax, mos_jax
   >>> params = {"layers": {str(i): {"q_proj": {"kernel": jnp.zeros((8, 4))}} for i in range(4)}}
-  >>> adapter = mos_jax.adapt(params, mos_jax.MoSConfig(rank=4, equivalent_rank=1))
+  >>> adapter = mos_jax.adapt(params, mos_jax.MoSConfig(rank=4, equivalent_rank=1, target_modules=["q_proj"]))
   >>> opt_state = optax.adam(1e-3).init(adapter)   # only the pools are leaves
   >>> merged = mos_jax.merge(params, adapter)
 """
@@ -22,7 +22,7 @@ from mos_jax._src.core.config import MoSConfig  # Hyper-parameters of an adapter
 from mos_jax._src.core.adapter import Adapter  # Trainable pools + static spec, one pytree.
 from mos_jax._src.core.routing import AdapterSpec  # The static half of an Adapter (config, groups, index arrays).
 from mos_jax._src.core.adapter import adapt  # A fresh Adapter for a params pytree.
-from mos_jax._src.core.adapter import dry_run  # What adapt would match and create, allocating nothing.
+from mos_jax._src.api import dry_run  # What adapting would match and create (an NNX model or params), allocating nothing.
 from mos_jax._src.core.adapter import summary  # A per-group table of an adapter's parameters.
 from mos_jax._src.core.assemble import assemble  # Every group's stacked factors A, B.
 from mos_jax._src.core.assemble import merge  # Params with ΔW added to every adapted kernel.

@@ -3,7 +3,15 @@
 - ``paths``: where the repository, results and data folders are.
 - ``optim``: the learning-rate schedule and the optimizer (clip + AdamW).
 - ``config``: ``TrainConfig``, one run of the training loop.
-- ``loop``: the training loop ``fit`` (``mos_jax.train.make_step``, SIGTERM, Orbax resume, metrics).
+- ``loop``: the one training loop ``fit`` (``mos_jax.train.make_step``; one device or a mesh, one process
+  or many; preemption, Orbax resume, metrics in a local folder or a bucket).
+- ``run_config``: ``RunConfig`` of ``experiments.train`` and ``pod_config``, the pod configs' settings.
+- ``nnx_models``: Tunix NNX models from HF safetensors, read sharded as they load; their forward and loss.
+- ``tunix_rope``: the checkpoint's RoPE for Tunix's Llama 3 / Qwen 3.
+- ``chat_data``: instruction rows (JSONL/Parquet), chat templates, response-masked fixed-shape batches.
+- ``chip_memory``: memory per chip of a run, before loading; the refusal with fixes.
+- ``generate``: greedy generations on held-out prompts after training.
+- ``workdir``: run folders that may be buckets (the metrics log).
 - ``outputs``: the files a run leaves (native adapter, head, ``adapter_config.json``).
 - ``plots``: training curves and the accuracy-versus-parameters plot.
 - ``classification``: sequence classification with a frozen encoder, an adapter and a head.

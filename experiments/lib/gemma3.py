@@ -635,3 +635,30 @@ def generate(model: Any, tokenizer: Tokenizer, prompts: Sequence[str], max_new_t
     out.append(tokenizer.decode(row[:ends[0]] if ends else row))
   return out
 
+
+
+#: The six projections MoS adapts on Gemma 3, as one qwix ``module_path`` regex (qwix LoRA / QLoRA baselines).
+QWIX_TARGETS = r".*/(q_einsum|kv_einsum|attn_vec_einsum|gate_proj|up_proj|down_proj)"
+
+
+def random_batch(vocab: int, batch: int, seq: int) -> dict[str, jax.Array]:
+  """A fixed batch of random tokens (ids 3..vocab) with its positions and causal mask, for benchmarks."""
+  tokens = jax.random.randint(jax.random.key(1), (batch, seq), 3, vocab, dtype=jnp.int32)
+  valid = jnp.ones(tokens.shape, bool)
+  return {"tokens": tokens, "positions": positions_of(valid), "mask": causal_mask(valid)}
+
+
+
+def qwix_lora(model: Any, batch: dict[str, jax.Array], **rule: Any) -> tuple[Any, Any, Any]:
+  """qwix's own LoRA (``LoraProvider(module_path=QWIX_TARGETS, **rule)``) on a Tunix Gemma 3, split for a step.
+
+  Returns:
+    ``(graphdef, lora, rest)``: ``nnx.split(model, nnx.LoRAParam, ...)`` of the qwix-adapted model.
+  """
+  import qwix  # noqa: PLC0415
+
+  provider = qwix.LoraProvider(module_path=QWIX_TARGETS, **rule)
+  with jax.numpy_rank_promotion("allow"):  # Tunix's models broadcast implicitly
+    lora_model = qwix.apply_lora_to_model(model, provider, batch["tokens"], batch["positions"], None, batch["mask"],
+                                          rngs=nnx.Rngs(0))
+  return nnx.split(lora_model, nnx.LoRAParam, ...)

@@ -20,12 +20,13 @@ ALLOWED = {
     "errors": set(),
     "io": {"errors"},
     "core": {"errors"},
-    "train": {"errors", "core"},
+    "train": {"errors", "io", "core"},
     "formats": {"errors", "io", "core"},
     "parallel": {"errors", "core"},
     "linen": {"errors", "io", "core", "train"},
     "nnx": {"errors", "io", "core", "train"},
     "hf": {"errors", "io", "core", "linen"},
+    "api": {"errors", "core", "nnx"},
 }
 #: The public packages and the most names each may export (``__all__``).
 PUBLIC = {"mos_jax": 20, "mos_jax.core": 30, "mos_jax.linen": 20, "mos_jax.nnx": 20, "mos_jax.formats": 20,
@@ -147,7 +148,6 @@ def test_root_is_backend_neutral():
              for sub in ("core", "linen", "nnx", "formats", "train", "parallel"))
 
 
-@pytest.mark.xfail(strict=False, reason="the README is being cut to <= 200 lines in parallel")
 def test_readme_is_short(capsys):
   lines = len((REPO_ROOT / "README.md").read_text().splitlines())
   with capsys.disabled():

@@ -84,11 +84,27 @@ class EinsumSpec:
 
   def flat_io(self, x: jax.Array, group: Group) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
     """``x`` as ``(..., d_in)``, and the map from a ``(..., d_out)`` term to the output's layout."""
-    moved = jnp.einsum(f"{self.lhs}->{self.keep}{self.contracted}", x)
+    # Transposes and reshapes, not one-operand einsums: quantization libraries (qwix) intercept jnp.einsum
+    # inside a model's call and accept two-operand equations only.
+    moved = _permute(x, self.lhs, self.keep + self.contracted)
     flat = moved.reshape(moved.shape[:moved.ndim - len(self.contracted)] + (group.d_in,))
     free_shape = tuple(group.kernel_shape[a] for a in group.out_axes)
 
     def unflatten(t: jax.Array) -> jax.Array:
-      return jnp.einsum(f"{self.keep}{self.free}->{self.out}", t.reshape(t.shape[:-1] + free_shape))
+      return _permute(t.reshape(t.shape[:-1] + free_shape), self.keep + self.free, self.out)
 
     return flat, unflatten
+
+
+def _permute(x: jax.Array, labels: str, target: str) -> jax.Array:
+  """``jnp.einsum(f"{labels}->{target}", x)`` for distinct labels (``...`` first in both, or in neither).
+
+  Axes missing from ``target`` are summed, the rest transposed into its order.
+  """
+  named, wanted = labels.replace("...", ""), target.replace("...", "")
+  lead = x.ndim - len(named)
+  summed = tuple(lead + i for i, c in enumerate(named) if c not in wanted)
+  if summed:
+    x = x.sum(axis=summed)
+    named = "".join(c for c in named if c in wanted)
+  return jnp.transpose(x, tuple(range(lead)) + tuple(lead + named.index(c) for c in wanted))

@@ -22,6 +22,7 @@ class KernelModule:
     module: the module.
     kernel_name: its kernel attribute (``kernel`` for ``nnx.Linear``, ``w`` for Tunix ``Einsum``).
     layout: how it applies the kernel (``supported=False`` for modules MoS cannot adapt).
+    shape: the kernel shape this entry stands for, when not the module's whole kernel (a part of a fused one).
   """
 
   path: str
@@ -29,6 +30,7 @@ class KernelModule:
   module: nnx.Module
   kernel_name: str
   layout: KernelLayout
+  shape: tuple[int, ...] | None = None
 
 
 def _params(module: nnx.Module) -> dict[str, nnx.Param]:
@@ -79,5 +81,44 @@ def kernel_tree(found: list[KernelModule]) -> dict[str, Any]:
     for k in m.keys:
       node = node.setdefault(str(k), {})
     value = getattr(m.module, m.kernel_name)
-    node[KERNEL] = jax.ShapeDtypeStruct(tuple(value.shape), value.dtype)
+    node[KERNEL] = jax.ShapeDtypeStruct(tuple(value.shape) if m.shape is None else m.shape, value.dtype)
   return tree
+
+
+def references(model: nnx.Module, *, edges: bool = False) -> dict[int, list]:
+  """Every reference to every module of the graph, shared ones included (``nnx.iter_modules`` lists each once).
+
+  Returns:
+    ``{id(module): [keys, ...]}`` (each path from the root), or with ``edges=True``
+    ``{id(module): [(parent, key), ...]}`` (each place that holds it).
+  """
+  out: dict[int, list] = {}
+  stack: list[tuple[tuple[Any, ...], Any]] = [((), model)]
+  seen = {id(model)}
+  while stack:
+    keys, node = stack.pop()
+    impl = nnx.graph.get_node_impl(node)
+    if impl is None:
+      continue
+    children = [(k, c) for k, c in impl.node_dict(node).items() if isinstance(c, nnx.Module) or
+                (nnx.graph.is_graph_node(c) and not isinstance(c, nnx.Variable))]
+    for key, child in reversed(children):
+      out.setdefault(id(child), []).append((node, key) if edges else keys + (key,))
+      if id(child) not in seen:
+        seen.add(id(child))
+        stack.append((keys + (key,), child))
+  if not edges:
+    for paths in out.values():
+      paths.sort(key=lambda k: tuple(str(x) for x in k))
+  return out
+
+
+def _quantized_weight(value: Any) -> bool:
+  # qwix's WithAux (a quantized array and how it was quantized) replaces a weight's nnx.Param after PTQ.
+  return not isinstance(value, nnx.Variable) and hasattr(value, "array") and hasattr(value, "how")
+
+
+def quantized_modules(model: nnx.Module) -> list[tuple[str, str, str]]:
+  """``(path, class, attribute)`` of every module holding a weight already quantized by qwix."""
+  return [("/".join(map(str, keys)), type(m).__name__, name) for keys, m in nnx.iter_modules(model)
+          for name, value in vars(m).items() if _quantized_weight(value)]

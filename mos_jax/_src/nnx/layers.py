@@ -1,17 +1,28 @@
-"""The NNX modules an adapted model is made of: shared pools, and a wrapper around each adapted layer."""
+"""The NNX modules an adapted model is made of: shared pools, and a wrapper around each adapted layer.
+
+Every adapted model checks, each time its ``__call__`` runs as Python (eagerly, or once per
+trace under ``jit``), that each of its MoS layers was called: a layer the forward never reaches
+(a module read by another path, a call intercepted before the wrapper) would train nothing.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import contextvars
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mos_jax._src.core.assemble import gather_factors, low_rank_term
+from mos_jax._src.core.assemble import gather_factors, kernel_delta, low_rank_term
 from mos_jax._src.core.einsum import EinsumSpec
 from mos_jax._src.core.routing import AdapterSpec
 from mos_jax._src.core.targets import Group
+
+
+#: The MoS layers called so far by the adapted model whose ``__call__`` is running (``None`` outside one).
+_CALLED: contextvars.ContextVar[set | None] = contextvars.ContextVar("mos_called", default=None)
 
 
 class GroupPools(nnx.Module):
@@ -81,8 +92,28 @@ class MoSLayer(nnx.Module):
     # args exclude the input; the core's one rule picks the equation (the call's, else the module's).
     return EinsumSpec.of_call(getattr(self.base, "einsum_str", None), args, kwargs)
 
+  @property
+  def key(self) -> tuple[str, int]:
+    """``(group, layer)``: the layer's identity in the adapter (what the call-path check reports)."""
+    return self.group.name, self.layer
+
+  def pool_items(self) -> list[tuple[str, GroupPools]]:
+    """``(group name, pools)`` of the groups this layer draws from (stacked layers: none, the root holds them)."""
+    return [] if self.pools is None else [(self.group.name, self.pools)]
+
+  def delta(self) -> jax.Array:
+    """``ΔW = (α/r)·Aᵀ Bᵀ`` in the layout of the base kernel."""
+    return kernel_delta(self.group, *self.factors(), self.spec.config.scale)
+
   def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+    _record(self)
     return _call_with_term(self, x, args, kwargs, *self.factors())
+
+
+def _record(layer: "MoSLayer") -> None:
+  called = _CALLED.get()
+  if called is not None:
+    called.add(layer.key)
 
 
 def _call_with_term(layer: Any, x: jax.Array, args: tuple, kwargs: dict, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -132,7 +163,12 @@ class MoSStackedLayer(MoSLayer):
       return jnp.moveaxis(a, self.group.layer_axis, 0), jnp.moveaxis(b, self.group.layer_axis, 0)
     return a, b
 
+  @property
+  def key(self) -> tuple[str, int]:
+    return self.group.name, -1
+
   def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+    _record(self)
     a, b = self.factors()
     if a.ndim != 2:
       raise ValueError(f"Stacked MoS layer {self.group.name!r} was called outside nnx.scan (its factors are "
@@ -172,4 +208,86 @@ class MoSModel(nnx.Module):
 
   def __call__(self, *args: Any, **kwargs: Any) -> Any:
     self.refresh()
-    return self.inner(*args, **kwargs)
+    with calls_checked(self.inner):
+      return self.inner(*args, **kwargs)
+
+
+class MoSSplitLayer(MoSLayer):
+  """A fused projection (Gemma's ``kv_einsum``, kernel ``(2, K, D, H)``) adapted as separate module types.
+
+  The kernel's first axis indexes the projections it fuses (``k``, ``v``); each
+  part is its own group with its own pools, as when the projections are separate
+  modules (HF's ``k_proj``, ``v_proj``): ``base(x) + concat_c (α/r)·(x A_cᵀ) B_cᵀ``
+  along that axis.
+
+  Attributes:
+    parts: ``(group, layer)`` of each part, in the order of the kernel's first axis.
+    fused: the whole kernel's layout as a one-layer group (to flatten inputs and outputs).
+  """
+
+  def __init__(self, base: nnx.Module, pools: list[GroupPools], *, spec: AdapterSpec, parts: tuple[Group, ...],
+               layers: tuple[int, ...], fused: Group, kernel_name: str, rngs: nnx.Rngs | None = None):
+    super().__init__(base, None, spec=spec, group=parts[0], layer=layers[0], kernel_name=kernel_name, rngs=rngs)
+    self.part_pools = nnx.List(pools)
+    self.parts = tuple(parts)
+    self.part_layers = tuple(layers)
+    self.fused = fused
+
+  @property
+  def key(self) -> tuple[str, int]:
+    return "+".join(g.name for g in self.parts), self.layer
+
+  def pool_items(self) -> list[tuple[str, GroupPools]]:
+    return [(g.name, p) for g, p in zip(self.parts, self.part_pools)]
+
+  def part_factors(self) -> list[tuple[jax.Array, jax.Array]]:
+    """Each part's ``A: (r, d_in)``, ``B: (d_out / parts, r)``."""
+    spec, r = self.spec, self.spec.config.rank
+    return [gather_factors(p.a[...], p.b[...], spec.index_a[g.name][i], spec.index_b[g.name][i], g, r)
+            for g, i, p in zip(self.parts, self.part_layers, self.part_pools)]
+
+  def factors(self) -> tuple[jax.Array, jax.Array]:
+    raise TypeError(f"The fused module of {self.key[0]} has one (A, B) per part: use part_factors().")
+
+  def delta(self) -> jax.Array:
+    scale = self.spec.config.scale
+    return jnp.stack([kernel_delta(g, a, b, scale) for g, (a, b) in zip(self.parts, self.part_factors())])
+
+  def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+    _record(self)
+    y = self.base(x, *args, **kwargs)
+    factors = self.part_factors()
+    flat, unflatten = self._spec(args, kwargs).flat_io(jnp.asarray(x).astype(factors[0][0].dtype), self.fused)
+    terms = [low_rank_term(flat if self.dropout is None else self.dropout(flat), a, b, self.spec.config.scale)
+             for a, b in factors]
+    return y + unflatten(jnp.concatenate(terms, axis=-1)).astype(y.dtype)
+
+
+@contextlib.contextmanager
+def calls_checked(model: nnx.Module) -> Iterator[None]:
+  """Runs the block as one call of ``model``; on leaving it, every MoS layer of ``model`` must have been called.
+
+  Costs a set of keys per Python run of the forward (under ``jit``: per trace, not per step).
+  A call nested in another adapted model's call is checked by the outer one.
+
+  Raises:
+    RuntimeError: a MoS layer was not called: it would train nothing.
+  """
+  if _CALLED.get() is not None:
+    yield
+    return
+  called: set = set()
+  token = _CALLED.set(called)
+  try:
+    yield
+  finally:
+    _CALLED.reset(token)
+  expected = {m.key: keys for keys, m in nnx.iter_modules(model) if isinstance(m, MoSLayer)}
+  missed = [f"{'/'.join(map(str, keys))} ({key[0]})" for key, keys in expected.items() if key not in called]
+  if missed:
+    raise RuntimeError(
+        f"{len(missed)} of {len(expected)} MoS layers were not called by this forward, so they would train "
+        f"nothing: {missed[:6]}{' ...' if len(missed) > 6 else ''}. The model reaches these modules another "
+        "way than through their attribute (a copy, a call intercepted before the wrapper, e.g. a qwix-quantized "
+        "model), or does not use them in this call. Adapt only the modules the forward calls "
+        "(exclude_modules), and quantize with mos_jax.nnx.adapt(model, config, quantize=...).")

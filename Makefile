@@ -111,10 +111,12 @@ bench-all: bench bench-levers bench-profile bench-gemma3 bench-gemma3-curves ben
 reproduce: $(STAMP)
 	$(BIN)/python -m experiments.sst2_claim
 
-# The claim table on Gemma 3 270M: resumable (finished runs are kept in
-# experiments/results/claim_llm.jsonl); ~90 min on 2 cores in all, any number of sittings.
+# The headline claim on Gemma 3 270M, where adapter capacity binds (fact memorisation, MoS vs LoRA at
+# equal budget): resumable (finished runs are kept in experiments/results/claim_capacity.jsonl), each run
+# under /tmp/mos_heavy.lock; about 2 h on 2 cores in all, any number of sittings (--max-runs N).
+# The older SST-2 table (no row separates) stays reproducible with `python -m experiments.claim_llm`.
 reproduce-llm: $(STAMP) $(GEMMA_STAMP)
-	$(BIN)/python -m experiments.claim_llm
+	$(BIN)/python -m experiments.claim_capacity
 
 clean:
 	rm -rf $(VENV) runs

@@ -20,7 +20,7 @@ Phase 1 runs every row on seed 0 at each lr of the grid and keeps, per row, the 
 lowest NLL on a validation split (64 dev reviews disjoint from the 160 reported); phase 2 runs
 the other seeds at that lr. The frozen base is scored once, untrained. Each finished run is
 appended to ``experiments/results/claim_llm.jsonl`` and skipped when the script runs again, so
-the table can be built over several sittings; ``--report`` rewrites the README table and
+the table can be built over several sittings; ``--report`` rewrites its block of ``docs/results.md`` and
 ``experiments/results/claim_llm.png`` from the JSONL alone.
 
     .venv/bin/python -m experiments.claim_llm                # runs what is missing, then reports
@@ -36,7 +36,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -49,17 +48,14 @@ from flax import nnx
 import mos_jax
 from mos_jax import MoSConfig
 from mos_jax.nnx import GEMMA3_TARGETS
-from experiments.lib import gemma3, instruct
+from experiments.lib import gemma3, instruct, runs
 from experiments.lib.config import TrainConfig
-from experiments.lib.loop import fit
 from experiments.lib.paths import REPO, RESULTS_DIR, default_data_dir
 from experiments.lib.plots import metric_vs_params
 from experiments.lib.sentiment_data import get_data
 
 RESULTS = RESULTS_DIR / "claim_llm.jsonl"
 QUICK_RESULTS = REPO / "runs" / "claim_llm_quick" / "claim_llm.jsonl"
-README = REPO / "docs" / "results.md"  # the results page holds the tables between markers
-MARKERS = ("<!-- claim-llm:start -->", "<!-- claim-llm:end -->")
 
 PROMPT = "Review: {text}\nSentiment (positive or negative):"
 LABELS = ("negative", "positive")  # SST-2's 0 and 1
@@ -234,13 +230,6 @@ def train_and_evaluate(model: Any, mos: MoSConfig, data: TaskData, claim: ClaimC
     ``compile_seconds`` (the first step) and ``seconds`` (the whole run).
   """
   start = time.perf_counter()
-  adapted = mos_jax.nnx.adapt(model, dataclasses.replace(mos, seed=seed))
-  graphdef, adapter, state = mos_jax.nnx.unbind(adapted)
-  del adapted
-
-  def loss_fn(adapter, state, batch, rng):
-    return instruct.response_loss(mos_jax.nnx.bind(graphdef, adapter, state, rng=rng), batch)
-
   n_train = instruct.size(data.train)
 
   def next_batch(step: int) -> tuple[dict[str, np.ndarray], int]:
@@ -252,12 +241,10 @@ def train_and_evaluate(model: Any, mos: MoSConfig, data: TaskData, claim: ClaimC
                       warmup_frac=claim.warmup_frac, clip_norm=claim.clip_norm, eval_every=claim.steps, seed=seed,
                       out_dir=out_dir, progress=False)
     # Scored once after training (below), not during it: evaluation costs as much as ~10 steps.
-    result = fit(loss_fn, adapter, state, next_batch, cfg, evaluate=lambda trainable: {}, name=name)
-  trained = result["trainable"]
-  sums = jax.jit(lambda adapter, state, batch: instruct.score_sums(
-      mos_jax.nnx.bind(graphdef, adapter, state), batch, data.choice_ids))
-  scores = {split: instruct.metrics(lambda b: sums(trained, state, b), getattr(data, split), claim.eval_batch)
-            for split in ("val", "test")}
+    result = instruct.train_adapter(model, next_batch, cfg, name=name)
+  trained = result["adapter"]
+  sums = instruct.scorer(result, data.choice_ids)
+  scores = {split: instruct.metrics(sums, getattr(data, split), claim.eval_batch) for split in ("val", "test")}
   losses = [m["loss"] for m in result["metrics"]]
   return {"trainable": mos_jax.core.trainable_count(trained.config, trained.groups),
           "base_params": trained.base_params, "scores": scores,
@@ -269,27 +256,6 @@ def train_and_evaluate(model: Any, mos: MoSConfig, data: TaskData, claim: ClaimC
 
 # ----------------------------------------------------------------------------------------------
 # The table: which runs, in which order, resumably.
-
-
-def load_results(path: Path) -> list[dict]:
-  """The JSONL's records; a torn last line (a run killed while appending) is ignored."""
-  if not path.exists():
-    return []
-  records = []
-  for line in path.read_text().splitlines():
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError:
-      continue
-  return records
-
-
-def append_record(path: Path, record: dict) -> None:
-  """Appends one JSON line; after a torn last line (a killed append) it starts a new line first."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
-  with open(path, "a") as f:
-    f.write(("\n" if torn else "") + json.dumps(record) + "\n")
 
 
 def make_record(name: str, mos: MoSConfig | None, claim: ClaimConfig, source: str, *, lr: float | None,
@@ -366,7 +332,10 @@ def run_missing(claim: ClaimConfig, path: Path, *, data_dir: str | None, only: S
         f"examples; {claim.steps} steps of {claim.batch_size}; setup {claim.setup_hash()}", flush=True)
   made = 0
   while max_runs is None or made < max_runs:
-    todo = plan(select(load_results(path), claim, data.source), claim, names)
+    records, note = runs.load(path)
+    if note:
+      print(f"note: {note}", flush=True)
+    todo = plan(select(records, claim, data.source), claim, names)
     if not todo:
       break
     name, lr, seed = todo[0]
@@ -377,7 +346,7 @@ def run_missing(claim: ClaimConfig, path: Path, *, data_dir: str | None, only: S
       result = train_and_evaluate(model, mos, data, claim, lr=lr, seed=seed, name=name)
     record = make_record(name, mos, claim, data.source, lr=lr, seed=seed, num_layers=model.config.num_layers,
                          result=result)
-    append_record(path, record)
+    runs.append(path, record)
     made += 1
     print(f"[{made}] {name} lr={lr} seed={seed}: test NLL {record['test_nll']:.4f}, accuracy "
           f"{record['test_accuracy']:.1%}, val NLL {record['val_nll']:.4f} ({record['seconds']:.0f} s; "
@@ -388,194 +357,102 @@ def run_missing(claim: ClaimConfig, path: Path, *, data_dir: str | None, only: S
 # ----------------------------------------------------------------------------------------------
 # The report.
 
-#: Two-sided 5% critical values of Student's t for 1..10 degrees of freedom.
-T_CRIT = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+DOCS = REPO / "docs" / "results.md"
+BLOCK = "claim-llm"
+DOCS_HEADING = "A format task: SST-2 as an instruction on Gemma 3 270M (no row separates)"
 
 
-@dataclasses.dataclass(frozen=True)
-class Paired:
-  """Row minus reference at the same seeds: mean and std of the differences, t statistic."""
-
-  mean: float
-  std: float
-  n: int
-
-  @property
-  def t(self) -> float:
-    if self.n < 2 or self.std == 0:
-      return math.nan
-    return self.mean / (self.std / math.sqrt(self.n))
-
-  @property
-  def significant(self) -> bool:
-    """A two-sided paired t-test at 5% (needs 2 or more seeds)."""
-    return self.n >= 2 and not math.isnan(self.t) and abs(self.t) > T_CRIT[min(self.n - 1, len(T_CRIT)) - 1]
-
-  def fmt(self, scale: float = 1.0, digits: int = 3) -> str:
-    if self.n == 0:
-      return "n/a"
-    text = f"{scale * self.mean:+.{digits}f}"
-    if self.n > 1:
-      text += f" ± {scale * self.std:.{digits}f}"
-    return f"**{text}**" if self.significant else text
+def analysis_seeds(claim: ClaimConfig) -> tuple[int, ...]:
+  """The seeds the statistics use: all but ``seeds[0]``, whose validation NLL chose the lr (winner's curse)."""
+  return claim.seeds[1:]
 
 
-@dataclasses.dataclass(frozen=True)
-class RowSummary:
-  """One row of the table: its runs at the chosen lr, and how they differ from MoS's."""
-
-  name: str
-  trainable: int
-  lr: float | None
-  lrs_tried: int         # of the grid, on seeds[0]: the lr is provisional until all were
-  seeds: tuple[int, ...]
-  nll: np.ndarray        # test NLL per seed (in the order of ``seeds``)
-  accuracy: np.ndarray
-  step_seconds: float
-  nll_vs_ref: Paired
-  accuracy_vs_ref: Paired
+def chosen_runs(records: list[dict], claim: ClaimConfig, names: Sequence[str]) -> dict[str, list[dict]]:
+  """Per trained row, its runs at the chosen lr on :func:`analysis_seeds`, by seed."""
+  out = {}
+  for name in names:
+    lr = best_lr(records, name, claim)
+    runs_ = {r["seed"]: r for r in records
+             if name != BASE_ROW and r["row"] == name and lr is not None and r["lr"] == lr
+             and r["seed"] in analysis_seeds(claim)}
+    if runs_:
+      out[name] = [runs_[s] for s in sorted(runs_)]
+  return out
 
 
-def _std(x: np.ndarray) -> float:
-  return float(x.std(ddof=1)) if len(x) > 1 else math.nan
-
-
-def summarize(records: list[dict], claim: ClaimConfig, names: Sequence[str]) -> list[RowSummary]:
-  """Per row: its chosen lr's runs over seeds, and the paired differences with the reference row.
-
-  The frozen base has one record, used at every seed of the pairing.
-  """
-  chosen: dict[str, dict[int, dict]] = {}
+def table_markdown(records: list[dict], claim: ClaimConfig, names: Sequence[str]) -> str:
+  """The docs table (rows x seeds model, pooled error, Holm over every row vs MoS), its footnote, the verdicts."""
+  ref = reference_row(claim)
+  by_row = chosen_runs(records, claim, names)
+  flat = [r for rs in by_row.values() for r in rs]
+  pairs = [(n, ref) for n in by_row if n != ref]
+  enough = ref in by_row and len({r["seed"] for r in flat}) >= 2 and len(by_row) >= 2
+  fams = {m: {c.a: c for c in runs.contrasts(runs.values_of(flat, m), pairs, rows=list(by_row))} if enough else {}
+          for m in ("test_nll", "test_accuracy")}
+  lines = ["| row | trainable | lr | held-out NLL | Δ NLL vs MoS [95% CI] | Holm p | label accuracy % | "
+           "Δ accuracy vs MoS (points) [95% CI] | Holm p | seeds |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for name in names:
     if name == BASE_ROW:
       base = [r for r in records if r["row"] == BASE_ROW]
       if base:
-        chosen[name] = {s: base[-1] for s in claim.seeds}
+        lines.append(f"| {name} | 0 | - | {base[-1]['test_nll']:.4f} | | | {100 * base[-1]['test_accuracy']:.1f} "
+                     "| | | - |")
       continue
-    lr = best_lr(records, name, claim)
-    if lr is not None:
-      runs = {r["seed"]: r for r in records if r["row"] == name and r["lr"] == lr and r["seed"] in claim.seeds}
-      chosen[name] = dict(sorted(runs.items()))
-  ref = chosen.get(reference_row(claim), {})
-
-  def paired(runs: dict[int, dict], key: str) -> Paired:
-    common = [s for s in runs if s in ref]
-    d = np.array([runs[s][key] - ref[s][key] for s in common], float)
-    return Paired(float(d.mean()) if len(d) else math.nan, _std(d) if len(d) > 1 else math.nan, len(d))
-
-  out = []
-  for name, runs in chosen.items():
-    # The base is one measurement (untrained: no seed noise); `runs` repeats it only for the pairing.
-    values = list(runs.values())[:1] if name == BASE_ROW else list(runs.values())
-    out.append(RowSummary(
-        name=name, trainable=values[0]["trainable"], lr=values[0]["lr"],
-        lrs_tried=len({r["lr"] for r in records if r["row"] == name and r["seed"] == claim.seeds[0]}),
-        seeds=() if name == BASE_ROW else tuple(runs),
-        nll=np.array([r["test_nll"] for r in values]), accuracy=np.array([r["test_accuracy"] for r in values]),
-        step_seconds=float(np.median([r.get("step_seconds", math.nan) for r in values])),
-        nll_vs_ref=paired(runs, "test_nll"), accuracy_vs_ref=paired(runs, "test_accuracy")))
-  return out
-
-
-def _mean_std(x: np.ndarray, scale: float = 1.0, digits: int = 4) -> str:
-  if len(x) < 2:
-    return f"{scale * x.mean():.{digits}f}"
-  return f"{scale * x.mean():.{digits}f} ± {scale * _std(x):.{digits}f}"
-
-
-def table_markdown(summaries: list[RowSummary], claim: ClaimConfig, records: list[dict], names: Sequence[str]) -> str:
-  """The README table, its footnote and the run count."""
-  ref = reference_row(claim)
-  lines = ["| row | trainable | lr | held-out NLL (mean ± std) | Δ NLL vs MoS (paired) | "
-           "label accuracy % | Δ accuracy vs MoS (points) | seeds | s/step |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-  for s in summaries:
-    is_ref = s.name == ref
-    lr = "-" if s.lr is None else f"{s.lr:g}"
-    if s.lr is not None and s.lrs_tried < len(claim.lrs):
-      lr += f" ({s.lrs_tried}/{len(claim.lrs)} lrs tried)"  # the lr search is not finished
-    lines.append(
-        f"| {s.name} | {s.trainable:,} | {lr} | {_mean_std(s.nll)} | "
-        f"{'(reference)' if is_ref else s.nll_vs_ref.fmt(digits=4)} | {_mean_std(s.accuracy, 100, 1)} | "
-        f"{'(reference)' if is_ref else s.accuracy_vs_ref.fmt(100, 1)} | {len(s.seeds) or '-'} | "
-        f"{'-' if math.isnan(s.step_seconds) else f'{s.step_seconds:.1f}'} |")
-  expected = (1 if BASE_ROW in names else 0) + sum(
-      len(claim.lrs) + len(claim.seeds) - 1 for n in names if n != BASE_ROW)
+    rs = by_row.get(name)
+    if not rs:
+      continue
+    cells = []
+    for m, scale, digits in (("test_nll", 1.0, 4), ("test_accuracy", 100.0, 1)):
+      c = fams[m].get(name)
+      mean = runs.mean_sd([r[m] for r in rs], scale, digits)
+      cells += [mean, "(reference)" if name == ref else runs.effect_cell(c, scale, digits) if c else "n/a",
+                "" if c is None else f"{c.p_holm:.2g}"]
+    lines.append(f"| {name} | {rs[0]['trainable']:,} | {rs[0]['lr']:g} | " + " | ".join(cells) + f" | {len(rs)} |")
+  trained = [n for n in names if n != BASE_ROW]
+  expected = (1 if BASE_ROW in names else 0) + len(trained) * (len(claim.lrs) + len(claim.seeds) - 1)
   done = len({(r["row"], r["lr"], r["seed"]) for r in records if r["row"] in names})
-  n = len(claim.seeds)
-  crit = f" (with {n} seeds: |t| > {T_CRIT[min(n - 1, len(T_CRIT)) - 1]})" if n > 1 else " (needs 2 or more seeds)"
-  if records:
-    r0 = records[0]
-    lines.append(
-        f"\nData: {r0['source']}; prompt `{PROMPT!r}`, response \" negative\"/\" positive\" + <eos>; "
-        f"{claim.steps} steps of batch {claim.batch_size} at {claim.seq_len} tokens, AdamW, linear decay, "
-        f"{claim.warmup_frac:.0%} warmup, clip {claim.clip_norm}, alpha {claim.alpha:g}, no dropout; lr grid "
-        f"{list(claim.lrs)} searched on seed {claim.seeds[0]} for every row alike (lowest NLL on "
-        f"{claim.val_size} validation reviews); NLL = mean over the response tokens (label word and <eos>) "
-        f"of {claim.test_size} other held-out dev reviews; label accuracy = the right label word's first "
-        f"token outscores the other's. Δ = row minus MoS at the same seed (same data order); **bold**: a "
-        f"paired two-sided t-test at 5% rejects \"no difference\"{crit}. "
-        f"Runs done: {done} of {expected}.")
-  return "\n".join(lines)
-
-
-def verdicts(summaries: list[RowSummary], claim: ClaimConfig) -> str:
-  """Plain statements of claims (a) and (b) from the paired differences, for the README."""
-  by = {s.name: s for s in summaries}
-  ref = by.get(reference_row(claim))
-  if ref is None or len(ref.seeds) < 2:
-    return "_Claims (a) and (b) are read once MoS and the compared rows have 2 or more seeds._"
-
-  def say(name: str) -> str:
-    s = by.get(name)
-    if s is None or s.nll_vs_ref.n < 2:
-      return f"{name}: not enough seeds yet"
-    p = s.nll_vs_ref
-    if not p.significant:
-      verdict = "within seed noise"
-    else:
-      verdict = "worse than MoS" if p.mean > 0 else "better than MoS"
-    return (f"{name} ({s.trainable:,} trainable): Δ NLL {p.mean:+.4f} ± {p.std:.4f} over {p.n} seeds, "
-            f"t = {p.t:+.1f}: {verdict}")
-
-  names = list(by)
-  lora_big, lora_1 = f"LoRA r={claim.rank}", "LoRA r=1"
-  pure = next((n for n in names if n.startswith("pure sharing")), "pure sharing")
-  ablations = [n for n in names if " - " in n]
-  lines = [f"- (a) against {reference_row(claim)} ({ref.trainable:,} trainable): {say(lora_big)}; {say(lora_1)}.",
-           f"- (b) {say(pure)}."]
-  lines += [f"- (b) {say(n)}." for n in ablations]
-  return "\n".join(lines)
+  df = next(iter(fams["test_nll"].values())).df if fams["test_nll"] else 0
+  source = Path(records[0]["source"].split(":")[-1]).name if records else "-"
+  lines.append(
+      f"\nData: `{source}`; prompt `{PROMPT!r}`, "
+      f"response \" negative\"/\" positive\" + <eos>; {claim.steps} steps of batch {claim.batch_size} at "
+      f"{claim.seq_len} tokens, AdamW, linear decay, {claim.warmup_frac:.0%} warmup, clip {claim.clip_norm}, alpha "
+      f"{claim.alpha:g}, no dropout; lr grid {list(claim.lrs)} searched on seed {claim.seeds[0]} (lowest NLL on "
+      f"{claim.val_size} validation reviews); NLL = mean over the response tokens of {claim.test_size} other held-out "
+      f"dev reviews. Statistics on seeds {list(analysis_seeds(claim))} only (seed {claim.seeds[0]} chose the lr, so "
+      f"its runs are biased in their row's favour): a rows x seeds model with the pooled residual error ({df} df), "
+      f"every row minus MoS, Holm-corrected over the {len(pairs)} contrasts per metric; **bold** survives at 5%. "
+      f"Runs done: {done} of {expected}.")
+  verdict = []
+  for c in fams["test_nll"].values():
+    what = "no difference the data can resolve" if not c.significant else (
+        "better than MoS" if c.estimate < 0 else "worse than MoS")
+    verdict.append(f"- {c.a} minus MoS: Δ NLL {c.estimate:+.4f} [{c.low:+.4f}, {c.high:+.4f}], Holm p = "
+                   f"{c.p_holm:.2g}: {what}.")
+  return "\n".join(lines) + "\n\n" + ("\n".join(verdict) or "_Verdicts need MoS and another row on 2 seeds._")
 
 
 def report(claim: ClaimConfig, path: Path, *, plot: Path | None = None) -> str:
   """Table, verdicts and plot (``plot``, default beside the JSONL) from the JSONL alone: no model, no data."""
-  records = load_results(path)
+  records, note = runs.load(path)
+  if note:
+    print(f"note: {note}")
   sources = [r["source"] for r in records if r.get("setup_hash") == claim.setup_hash()]
   # One table per data source: the most recent one when runs of several exist.
   records = select(records, claim, sources[-1] if sources else None)
   # Row names depend on L (pure sharing's rank); the records carry it (Gemma 3 270M: 18).
   names = list(rows(claim, records[-1].get("num_layers", 18) if records else 18))
-  summaries = summarize(records, claim, names)
-  text = table_markdown(summaries, claim, records, names) + "\n\n" + verdicts(summaries, claim)
-  points = [(s.name, s.trainable, float(s.nll.mean()), _std(s.nll)) for s in summaries if s.name != BASE_ROW]
-  base = next(((s.name, float(s.nll.mean())) for s in summaries if s.name == BASE_ROW), None)
+  text = table_markdown(records, claim, names)
+  points = [(n, rs[0]["trainable"], float(np.mean([r["test_nll"] for r in rs])),
+             float(np.std([r["test_nll"] for r in rs], ddof=1)) if len(rs) > 1 else math.nan)
+            for n, rs in chosen_runs(records, claim, names).items()]
+  base = [r for r in records if r["row"] == BASE_ROW]
   metric_vs_params(points, plot or path.with_suffix(".png"),
                    "Gemma 3 270M, sentiment as an instruction: held-out response NLL vs trainable parameters",
                    xlabel="trainable parameters", ylabel="held-out response NLL (nats/token, lower is better)",
-                   baseline=base)
+                   baseline=(BASE_ROW, base[-1]["test_nll"]) if base else None)
   return text
-
-
-def update_readme(text: str, readme: Path = README) -> bool:
-  """Replaces the README's text between :data:`MARKERS`; False if the markers are missing."""
-  start, end = MARKERS
-  content = readme.read_text()
-  if start not in content or end not in content:
-    return False
-  readme.write_text(re.sub(f"{re.escape(start)}.*?{re.escape(end)}", lambda _: f"{start}\n{text}\n{end}",
-                           content, flags=re.S))
-  return True
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -600,8 +477,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"{made} runs in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
   text = report(claim, path)
   print(text)
-  if path == RESULTS and update_readme(text):
-    print(f"updated {README.relative_to(REPO)} and {path.with_suffix('.png').relative_to(REPO)}")
+  if path == RESULTS:
+    print(f"{runs.update_block(DOCS, BLOCK, text, heading=DOCS_HEADING)}: {DOCS} block {BLOCK}")
 
 
 if __name__ == "__main__":

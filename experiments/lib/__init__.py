@@ -12,7 +12,10 @@
 - ``chip_memory``: memory per chip of a run, before loading; the refusal with fixes.
 - ``generate``: greedy generations on held-out prompts after training.
 - ``workdir``: run folders that may be buckets (the metrics log).
-- ``outputs``: the files a run leaves (native adapter, head, ``adapter_config.json``).
+- ``outputs``: the files a run leaves (native adapter, head, ``mos_config.json``).
+- ``cli``: the scripts' ``argparse`` style (the docstring as description, every default shown).
+- ``gemma3``: the real Gemma 3 270M (Tunix NNX) from its GGUF package, its tokenizer, a generator.
+- ``instruct``: prompt/response batches and response-token scores for a Gemma-3-shaped NNX model.
 - ``plots``: training curves and the accuracy-versus-parameters plot.
 - ``classification``: sequence classification with a frozen encoder, an adapter and a head.
 - ``lm``: instruction tuning of a causal LM (encoding, masked loss, ``train_lm``, decoding).

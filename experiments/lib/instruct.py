@@ -25,7 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import mos_jax
 from experiments.lib import gemma3
+from experiments.lib.config import TrainConfig
+from experiments.lib.loop import fit
 
 Batch = dict[str, np.ndarray]
 
@@ -89,6 +92,41 @@ def take(batch: Batch, idx: np.ndarray) -> Batch:
 
 def size(batch: Batch) -> int:
   return len(batch["tokens"])
+
+
+def by_length(batch: Batch, rows_per_batch: int, multiple: int = 16) -> list[tuple[np.ndarray, Batch]]:
+  """Splits a batch into batches of ``rows_per_batch`` rows of similar lengths, each cut to fewer columns.
+
+  Rows are sorted by length and taken ``rows_per_batch`` at a time; each batch keeps the
+  columns up to its longest row rounded up to ``multiple``, so that a split of short and long
+  examples pays little padding and compiles one shape per width. The last batch is filled up
+  with copies of its last row: every batch has ``rows_per_batch`` rows.
+
+  Args:
+    batch: a batch whose rows are padded to one length ``T``.
+    rows_per_batch: the rows of each batch.
+    multiple: the granularity of the widths (fewer distinct shapes against more padding).
+
+  Returns:
+    ``(rows, sub)`` pairs: ``rows``, the indices in ``batch`` of ``sub``'s first ``len(rows)``
+    rows (the real ones; any further rows are fillers), and ``sub``, the batch.
+
+  Example:
+    >>> for rows, sub in by_length(split, 25):  # doctest: +SKIP
+    ...   scores[rows] = np.asarray(score(sub))[:len(rows)]
+  """
+  if rows_per_batch < 1:
+    raise ValueError(f"rows_per_batch must be positive, got {rows_per_batch}")
+  lengths = batch["valid"].sum(axis=1)
+  order = np.argsort(lengths, kind="stable")
+  out = []
+  for start in range(0, len(order), rows_per_batch):
+    rows = order[start:start + rows_per_batch]
+    sub = take(batch, np.concatenate([rows, np.full(rows_per_batch - len(rows), rows[-1])]))
+    width = min(-(-int(lengths[rows].max()) // multiple) * multiple, batch["tokens"].shape[1])
+    sub["tokens"], sub["valid"] = sub["tokens"][:, :width], sub["valid"][:, :width]
+    out.append((rows, sub))
+  return out
 
 
 def hidden_states(model: Any, tokens: jax.Array, valid: jax.Array) -> jax.Array:
@@ -164,3 +202,33 @@ def metrics(sums_of: Any, batch: Batch, eval_batch: int) -> dict[str, float]:
       total[k] = total.get(k, 0.0) + float(v)
   return {"nll": total["nll"] / total["tokens"], "first_nll": total["first_nll"] / total["examples"],
           "accuracy": total["correct"] / total["examples"], "greedy": total["greedy"] / total["examples"], "n": n}
+
+
+def train_adapter(model: Any, next_batch: Any, cfg: TrainConfig, *, name: str = "run") -> dict[str, Any]:
+  """Adapts ``model`` with ``cfg.mos``, trains the adapter on :func:`response_loss` with :func:`fit`.
+
+  Args:
+    model: the frozen NNX model (not modified).
+    next_batch: ``next_batch(step) -> (batch, examples)`` (see :func:`fit`).
+    cfg: the run; ``cfg.mos`` (its ``seed`` included) makes the adapter.
+    name: the run's label.
+
+  Returns:
+    :func:`fit`'s result plus ``graphdef`` and ``state`` (the adapted model's frozen part) and
+    ``adapter`` (the trained one), for :func:`scorer`.
+  """
+  graphdef, adapter, state = mos_jax.nnx.unbind(mos_jax.nnx.adapt(model, cfg.mos))
+
+  def loss_fn(adapter, state, batch, rng):
+    return response_loss(mos_jax.nnx.bind(graphdef, adapter, state, rng=rng), batch)
+
+  result = fit(loss_fn, adapter, state, next_batch, cfg, evaluate=lambda trainable: {}, name=name)
+  return {**result, "graphdef": graphdef, "state": state, "adapter": result["trainable"]}
+
+
+def scorer(trained: dict[str, Any], choice_ids: np.ndarray) -> Any:
+  """``sums_of(batch)`` for :func:`metrics`: :func:`score_sums` of a :func:`train_adapter` result, jitted."""
+  graphdef, state, adapter = trained["graphdef"], trained["state"], trained["adapter"]
+  sums = jax.jit(lambda adapter, state, batch: score_sums(mos_jax.nnx.bind(graphdef, adapter, state), batch,
+                                                         choice_ids))
+  return lambda batch: sums(adapter, state, batch)

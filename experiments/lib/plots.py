@@ -51,7 +51,8 @@ def accuracy_vs_params(points: Sequence[tuple[str, int, float, float]], path: Pa
 
 
 def metric_vs_params(points: Sequence[tuple[str, int, float, float]], path: Path, title: str, *, xlabel: str,
-                     ylabel: str, baseline: tuple[str, float] | None = None) -> None:
+                     ylabel: str, baseline: tuple[str, float] | None = None, curve: Sequence[str] = (),
+                     ylog: bool = False) -> None:
   """One error bar per ``(name, trainable params, mean, std)`` of any metric, log x axis; nothing without points.
 
   Args:
@@ -63,6 +64,8 @@ def metric_vs_params(points: Sequence[tuple[str, int, float, float]], path: Path
     baseline: ``(name, value)`` drawn as a dashed horizontal line (a row without trainable
       parameters, which a log axis cannot place), or only named in the legend when it lies
       far outside the rows' range; ``None`` for none.
+    curve: names of points joined by a line in this order (e.g. LoRA at increasing rank).
+    ylog: a log y axis (for a metric spanning orders of magnitude).
   """
   if not points:
     return
@@ -74,6 +77,9 @@ def metric_vs_params(points: Sequence[tuple[str, int, float, float]], path: Path
     k = seen.setdefault(n, 0)
     seen[n] += 1
     ax.errorbar(max(n, 1) * 1.06 ** k, mean, yerr=0 if np.isnan(std) else std, fmt="o", capsize=3, label=name)
+  joined = [next(p for p in points if p[0] == name) for name in curve if any(p[0] == name for p in points)]
+  if len(joined) > 1:
+    ax.plot([max(p[1], 1) for p in joined], [p[2] for p in joined], "-", color="gray", lw=1, zorder=0)
   if baseline is not None:
     label = f"{baseline[0]}: {baseline[1]:.4g}"
     lo, hi = ax.get_ylim()
@@ -82,5 +88,5 @@ def metric_vs_params(points: Sequence[tuple[str, int, float, float]], path: Path
     else:  # far off the rows' range: drawing it would flatten their differences; name it only
       ax.plot([], [], " ", label=f"{label} (off the chart)")
   ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-  ax.set(xscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
+  ax.set(xscale="log", yscale="log" if ylog else "linear", xlabel=xlabel, ylabel=ylabel, title=title)
   _save(fig, path)

@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
 .PHONY: install test test-slow demo demo-minilm demo-tiny bench bench-levers bench-profile bench-gemma3 \
-	bench-gemma3-curves bench-torch bench-scan bench-quantized bench-scaling bench-serving bench-docs bench-all \
+	bench-gemma3-curves bench-qlora bench-torch bench-scan bench-quantized bench-scaling bench-serving bench-docs bench-all \
 	reproduce reproduce-llm clean
 
 $(STAMP): pyproject.toml constraints.txt
@@ -88,6 +88,10 @@ bench-gemma3-curves: $(STAMP) $(GEMMA_STAMP)
 bench-torch: $(STAMP) $(TORCH_STAMP)
 	$(BIN)/python -m experiments.bench_peft_torch --threads 1
 
+# MoS on an NF4 Gemma 3 270M base against a float base and qwix's own QLoRA.
+bench-qlora: $(STAMP) $(GEMMA_STAMP)
+	$(BIN)/python -m experiments.bench_qlora_nnx $(BENCH_FLAGS)
+
 bench-scan: $(STAMP)
 	$(BIN)/python -m experiments.bench_scan $(BENCH_FLAGS)
 
@@ -105,7 +109,7 @@ bench-docs: $(STAMP)
 
 # Every benchmark, then the docs' tables from their results (an hour or more on 2 cores; run it on
 # a machine nothing else is using, or under the shared lock).
-bench-all: bench bench-levers bench-profile bench-gemma3 bench-gemma3-curves bench-torch bench-scan \
+bench-all: bench bench-levers bench-profile bench-gemma3 bench-gemma3-curves bench-qlora bench-torch bench-scan \
 	bench-quantized bench-scaling bench-serving bench-docs
 
 reproduce: $(STAMP)

@@ -84,7 +84,7 @@ ONE_THREAD_XLA_FLAGS = ("--xla_cpu_multi_thread_eigen=false", "intra_op_parallel
 def pinned_command(threads: int, argv: Sequence[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
   """The command and environment that re-run ``argv`` (a Python command line) on ``threads`` cores.
 
-  The first ``threads`` cores this process may use (core 0 first), through ``taskset -c``; for one
+  The first ``threads`` cores this process may use (lowest first), through ``taskset -c``; for one
   thread, XLA's flags for one CPU thread and OpenMP/MKL pools of one (PyTorch) as well.
   """
   if threads < 1:

@@ -60,7 +60,8 @@ def run_line(result: dict[str, Any], what: str) -> str:
 def table(head: list[str], rows: list[list[str]], align: str | None = None) -> str:
   align = align or "l" + "r" * (len(head) - 1)
   sep = ["---" if a == "l" else "---:" for a in align]
-  return "\n".join("| " + " | ".join(r) + " |" for r in [head, sep, *rows]) + "\n"
+  cells = [[c.replace("|", "\\|") for c in r] for r in [head, *rows]]  # a "|" in a name would split its cell
+  return "\n".join("| " + " | ".join(r) + " |" for r in [cells[0], sep, *cells[1:]]) + "\n"
 
 
 def missing(make: str) -> str:

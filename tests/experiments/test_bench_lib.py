@@ -76,3 +76,8 @@ def test_tables_without_results_say_how_to_make_them_and_bad_markers_are_refused
     bench_docs.render("<!-- table: nope -->\n<!-- /table -->\n", tmp_path)
   with pytest.raises(ValueError, match="2 table markers but 1 closed"):
     bench_docs.render("<!-- table: core -->\n<!-- /table -->\n<!-- table: core -->\n", tmp_path)
+
+
+def test_a_pipe_in_a_cell_is_escaped_so_the_row_keeps_its_columns():
+  out = bench_docs.table(["lever", "ratio"], [["x·[W | Aᵀ]", "1.1"]])
+  assert out.splitlines()[2] == "| x·[W \\| Aᵀ] | 1.1 |"

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import mos_jax
-from mos_jax import MoSConfig, adapt, assemble
-from mos_jax.core import row_factors, stack_adapters
+from mos_jax import MoSConfig, adapt
+from mos_jax.core import stack_adapters
 from mos_jax.linen import inject, inject_multi
 from oracles.helpers import REPO_ROOT, assert_close, hf_numerics, random_pools
 
@@ -81,17 +81,6 @@ def test_mixed_batch_rows_equal_each_adapter_alone(tiny_llama, adapters, forward
   # Adapters really differ from each other, so a row given the wrong adapter would fail above.
   rows = np.flatnonzero(ids == 0)
   assert np.abs(alone(tiny_llama, adapters[1], input_ids[rows]) - mixed[rows]).max() > 1e-2
-
-
-def test_row_factors_match_assembled_factors(adapters):
-  stack = stack_adapters(adapters)
-  ids = jnp.asarray([1, 2, 0, 1])
-  group = adapters[0].groups[3]
-  a, b = row_factors(stack, group, 2, ids)
-  for row, k in enumerate(np.asarray(ids)):
-    factors = assemble(adapters[k])[group.name]
-    np.testing.assert_array_equal(a[row], factors["A"][2])
-    np.testing.assert_array_equal(b[row], factors["B"][2])
 
 
 def test_new_adapters_of_the_same_shapes_reuse_the_compiled_forward(tiny_llama, adapters):

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import mos_jax
@@ -78,7 +79,7 @@ def build(s: Sizes) -> tuple[Any, Any, list[mos_jax.Adapter]]:
   for k in range(max(s.adapters)):
     adapter = mos_jax.adapt(model.params, mos_config(s, seed=k))
     # Trained-looking pools: B is zero at initialisation, which would make every adapter the base.
-    pools = jax.tree_util.tree_map(lambda x: (0.05 * rng.standard_normal(x.shape)).astype(np.float32),
+    pools = jax.tree_util.tree_map(lambda x: jnp.asarray(0.05 * rng.standard_normal(x.shape), jnp.float32),
                                    adapter.pools)
     adapters.append(adapter.replace(pools=pools))
   return model, model.params, adapters

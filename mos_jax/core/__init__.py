@@ -44,7 +44,7 @@ from mos_jax._src.core.memory import MemoryEstimate  # What estimate_memory retu
 # Many adapters of one model (serving).
 from mos_jax._src.core.stack import AdapterStack  # K adapters of one model stacked along a leading axis.
 from mos_jax._src.core.stack import stack_adapters  # Stacks adapters made for the same model and shapes.
-from mos_jax._src.core.stack import row_factors  # Each batch row's (A, B) for one layer, gathered from a stack.
+from mos_jax._src.core.stack import plan_rows  # Checks a batch's adapter ids (any integer dtype) into a RowPlan.
 # Errors.
 from mos_jax._src.errors import MismatchError  # Made for another model, config, spec or state layout.
 from mos_jax._src.errors import CorruptError  # A file or checkpoint that cannot be read back as written.
@@ -55,6 +55,6 @@ __all__ = [
     "adapt", "dry_run", "summary", "assemble", "layer_factors", "low_rank_term", "fused_dense",
     "delta_weight", "merge", "unmerge",
     "count_params", "trainable_count", "estimate_memory", "MemoryEstimate",
-    "AdapterStack", "stack_adapters", "row_factors",
+    "AdapterStack", "stack_adapters", "plan_rows",
     "MismatchError", "CorruptError",
 ]

@@ -31,13 +31,16 @@ not ``flax.nnx.merge``. ``unbind``/``bind`` are named apart from ``flax.nnx.spli
 from mos_jax._src.nnx.adapt import adapt  # An adapted copy of an NNX model (MoS layers, pools as nnx.LoRAParam).
 from mos_jax._src.nnx.adapt import merge  # A plain copy of an adapted model with ΔW in its kernels.
 from mos_jax._src.nnx.adapt import adapter_of  # The adapted model's adapter as one Adapter value (a copy).
-from mos_jax._src.nnx.adapt import load_pools  # Writes an adapter's pools into an adapted model, in place.
+from mos_jax._src.nnx.adapt import load_pools  # Writes an adapter's pools (a stack's: served) into a model, in place.
 from mos_jax._src.nnx.adapt import unbind  # (graphdef, adapter, state) of an adapted model, to train the Adapter value.
 from mos_jax._src.nnx.adapt import bind  # The model of unbind with an (optionally traced) adapter's pools.
 from mos_jax._src.nnx.adapt import mos_layers  # (keys, layer) of every MoSLayer of a model.
 from mos_jax._src.nnx.adapt import dry_run  # What adapt would wrap and create (paths, shapes, counts), allocating nothing.
 from mos_jax._src.nnx.adapt import make_train_step  # A jitted optax step on (adapter, opt_state, state, batch, rng).
 from mos_jax._src.nnx.adapt import BaseState  # The base weights of an unbound model, with what bind checks.
+from mos_jax._src.nnx.serving import adapt_multi  # A copy of a base model whose rows each run their own adapter.
+from mos_jax._src.nnx.serving import set_adapter_ids  # Names each row's adapter (checked on the host), in place.
+from mos_jax._src.nnx.serving import serve  # Generates a mixed batch through Tunix's Sampler, ids checked first.
 from mos_jax._src.nnx.discover import kernel_modules  # Every module of a model that owns a kernel, with its layout.
 from mos_jax._src.nnx.layers import MoSLayer  # A base layer plus its MoS low-rank term.
 from mos_jax._src.nnx.layers import MoSModel  # The root of a model with stacked (nnx.scan) groups.
@@ -48,4 +51,4 @@ from mos_jax._src.nnx.names import FUSED  # Fused projections adapt splits into 
 
 __all__ = ["adapt", "merge", "adapter_of", "load_pools", "unbind", "bind", "mos_layers", "dry_run", "make_train_step",
            "BaseState", "kernel_modules", "MoSLayer", "MoSModel", "GEMMA3_TARGETS", "PEFT_NAMES", "FAMILY_TARGETS",
-           "FUSED"]
+           "FUSED", "adapt_multi", "set_adapter_ids", "serve"]

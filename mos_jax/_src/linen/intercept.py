@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from mos_jax._src.core.config import MoSConfig
 from mos_jax._src.core.einsum import EinsumSpec
+from mos_jax._src.core.stack import AdapterStack
 from mos_jax._src.core.targets import DENSE, KERNEL, Group, KernelLayout, matches
 
 #: HF ``transformers`` GPT-2-style layer that stores its kernel as ``(out, in)``; matched by
@@ -121,7 +122,8 @@ class AdaptedCalls:
   smaller model). :meth:`check_all_hit` then proves every adapted module ran.
   """
 
-  def __init__(self, config: MoSConfig | None, groups: tuple[Group, ...]):
+  def __init__(self, config: MoSConfig | AdapterStack | None, groups: tuple[Group, ...]):
+    # config: whatever names the target_modules/exclude_modules (an adapter's config, or a stack's).
     self.config = config
     # Per-layer groups: one path per layer. A stacked group: its one path, for every layer.
     self.lookup = {p: (g, i) for g in groups for i, p in enumerate(g.paths)}

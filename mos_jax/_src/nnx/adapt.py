@@ -14,6 +14,7 @@ from mos_jax._src.core.adapter import Adapter, dry_run as core_dry_run, require_
 from mos_jax._src.core.config import LLAMA_TARGETS, MoSConfig
 from mos_jax._src.core.pools import check_pools, init_pools
 from mos_jax._src.core.routing import make_spec
+from mos_jax._src.core.stack import AdapterStack
 from mos_jax._src.core.targets import Group, check_params, find_groups, matches
 from mos_jax._src.errors import MismatchError
 from mos_jax._src.train.step import make_step
@@ -25,7 +26,7 @@ from mos_jax._src.nnx.names import FAMILY_TARGETS, FUSED, family
 _EVERY = ".*"
 
 
-def _set_child(parent: Any, key: Any, value: Any) -> None:
+def set_child(parent: Any, key: Any, value: Any) -> None:
   if isinstance(key, int) or not isinstance(parent, nnx.Module):
     parent[key] = value
   else:
@@ -126,9 +127,10 @@ def _entries(chosen: list[tuple[KernelModule, tuple[Any, ...]]], split: Mapping[
   return out
 
 
-def _split_of(adapter: Adapter, chosen: list[tuple[KernelModule, tuple[Any, ...]]]) -> dict[str, tuple[str, ...]]:
+def _split_of(groups: tuple[Group, ...], chosen: list[tuple[KernelModule, tuple[Any, ...]]]
+              ) -> dict[str, tuple[str, ...]]:
   """Which fused modules an adapter was made with split (read off its group paths)."""
-  paths = {p for g in adapter.groups for p in g.paths}
+  paths = {p for g in groups for p in g.paths}
   return {name: parts for name, parts in FUSED.items()
           if any(m.keys[-1] == name and f"{m.path}/{parts[0]}" in paths for m, _ in chosen)}
 
@@ -143,6 +145,45 @@ def _groups(model: nnx.Module, config: MoSConfig, entries: list[KernelModule]) -
   tree = kernel_tree(entries)
   every = dataclasses.replace(config, target_modules=_EVERY, exclude_modules=None)
   return tree, find_groups(tree, every, layouts={m.path: m.layout for m in entries})
+
+
+def adapter_entries(model: nnx.Module, targets: Any, groups: tuple[Group, ...], *,
+                    split_fused: Mapping[str, tuple[str, ...]] | None = None, what: str = "This adapter",
+                    ) -> tuple[list[tuple[KernelModule, tuple[Any, ...]]], list[KernelModule]]:
+  """The modules of ``model`` that adapters of ``groups`` adapt, and their kernels, checked against the groups.
+
+  Args:
+    model: the base model.
+    targets: a dataclass naming ``target_modules`` and ``exclude_modules`` (an adapter's
+      :class:`~mos_jax.MoSConfig`, an :class:`~mos_jax.core.AdapterStack`).
+    groups: the adapter's groups.
+    split_fused: as :func:`adapt`'s; ``None``: read off the groups' paths.
+    what: what the groups belong to, for the error.
+
+  Returns:
+    ``(chosen, entries)``: each targeted module once, and one kernel entry per module or per part
+    of a split fused module (``<path>/<part>``).
+
+  Raises:
+    MismatchError: a kernel missing, of another shape or layout, or targeted without factors.
+  """
+  chosen = _chosen(model, targets)
+  entries = _entries(chosen, _split_of(groups, chosen) if split_fused is None else split_fused)
+  every = dataclasses.replace(targets, target_modules=_EVERY, exclude_modules=None)
+  check_params(kernel_tree(entries), every, groups, what=what)
+  layouts = {m.path: m.layout for m in entries}
+  odd = [p for g in groups for p in g.paths if (layouts[p].in_axes, layouts[p].out_axes) != (g.in_axes, g.out_axes)]
+  if odd:
+    raise MismatchError(f"{what} applies the kernels of {odd[:5]} with another layout (in/out axes) "
+                        "than this model's modules do: it was made for another model.")
+  return chosen, entries
+
+
+def fused_group(m: KernelModule) -> Group:
+  """A split fused module's whole kernel as a one-layer group (to flatten its inputs and outputs)."""
+  shape = tuple(getattr(m.module, m.kernel_name).shape)
+  return Group(name=m.path, paths=(m.path,), kernel_shape=shape, in_axes=m.layout.in_axes,
+               out_axes=m.layout.out_axes, num_layers=1)
 
 
 def adapt(model: nnx.Module, config: MoSConfig | Adapter, *, rngs: nnx.Rngs | None = None,
@@ -207,18 +248,7 @@ def adapt(model: nnx.Module, config: MoSConfig | Adapter, *, rngs: nnx.Rngs | No
   adapted = nnx.clone(model)
   if isinstance(config, Adapter):
     adapter = config
-    chosen = _chosen(adapted, adapter.config)
-    split = _split_of(adapter, chosen) if split_fused is None else split_fused
-    entries = _entries(chosen, split)
-    tree = kernel_tree(entries)
-    every = dataclasses.replace(adapter.config, target_modules=_EVERY, exclude_modules=None)
-    check_params(tree, every, adapter.groups, what="This adapter")
-    layouts = {m.path: m.layout for m in entries}
-    odd = [p for g in adapter.groups for p in g.paths
-           if (layouts[p].in_axes, layouts[p].out_axes) != (g.in_axes, g.out_axes)]
-    if odd:
-      raise MismatchError(f"This adapter applies the kernels of {odd[:5]} with another layout (in/out axes) "
-                          "than this model's modules do: it was made for another model.")
+    chosen, entries = adapter_entries(adapted, adapter.config, adapter.groups, split_fused=split_fused)
   else:
     config = _targets(adapted, config)
     chosen = _chosen(adapted, config)
@@ -253,11 +283,8 @@ def _wrap(adapted: nnx.Module, adapter: Adapter, chosen: list[tuple[KernelModule
       if any(g.stacked for g in groups):
         raise NotImplementedError(f"{m.path!r} is stacked: splitting a fused stacked kernel is not supported; "
                                   "pass split_fused={}.")
-      shape = tuple(getattr(m.module, m.kernel_name).shape)
-      fused = Group(name=m.path, paths=(m.path,), kernel_shape=shape, in_axes=m.layout.in_axes,
-                    out_axes=m.layout.out_axes, num_layers=1)
       wrapped = MoSSplitLayer(m.module, [pools[g.name] for g in groups], spec=adapter.spec, parts=groups,
-                              layers=layers, fused=fused, kernel_name=m.kernel_name, rngs=rngs)
+                              layers=layers, fused=fused_group(m), kernel_name=m.kernel_name, rngs=rngs)
     else:
       g, i = where[m.path]
       if g.stacked:
@@ -269,7 +296,7 @@ def _wrap(adapted: nnx.Module, adapter: Adapter, chosen: list[tuple[KernelModule
         wrapped = MoSLayer(m.module, pools[g.name], spec=adapter.spec, group=g, layer=i,
                            kernel_name=m.kernel_name, rngs=rngs)
     for parent, key in edges.get(id(m.module), ()):
-      _set_child(parent, key, wrapped)
+      set_child(parent, key, wrapped)
   if not stacked_layers:
     adapted.__class__ = checked_class(type(adapted))
     return adapted
@@ -345,12 +372,20 @@ def adapter_of(model: nnx.Module) -> Adapter:
   return Adapter(pools=pools, spec=spec, base_params=_base_count(model)).replace()
 
 
-def load_pools(model: nnx.Module, adapter: Adapter) -> None:
+def load_pools(model: nnx.Module, adapter: Adapter | AdapterStack) -> None:
   """Writes an adapter's pools into an adapted model, in place (e.g. after ``load_adapter``).
 
+  Given an :class:`~mos_jax.core.AdapterStack`, writes it into a model served by
+  :func:`mos_jax.nnx.adapt_multi` (other adapters of the same shapes, without recompiling).
+
   Raises:
-    MismatchError: the adapter's spec (config, groups, index arrays) is not the model's.
+    MismatchError: the adapter's spec (config, groups, index arrays) is not the model's; a stack
+      whose groups, rank or shapes (number of adapters included) are not the served model's.
   """
+  if isinstance(adapter, AdapterStack):
+    from mos_jax._src.nnx.serving import load_stack  # serving builds on this module
+    load_stack(model, adapter)
+    return
   check_pools(require_adapter(adapter, "load_pools").pools, adapter.spec)
   layers = [m for _, m in mos_layers(model)]
   if not layers or layers[0].spec != adapter.spec:
@@ -391,7 +426,7 @@ def merge(model: nnx.Module) -> nnx.Module:
     w = kernel[...]
     kernel[...] = (w.astype(jnp.float32) + layer.delta()).astype(w.dtype)
     for parent, key in edges.get(id(layer), ()):
-      _set_child(parent, key, layer.base)
+      set_child(parent, key, layer.base)
   _unchecked(root)
   return root
 

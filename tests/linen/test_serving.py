@@ -6,7 +6,9 @@ import json
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -264,3 +266,58 @@ def test_a_single_adapter_is_refused_with_a_type_error(adapters):
       pass
   with pytest.raises(TypeError, match=r"AdapterStack.*stack_adapters"):
     serve(lambda stack, ids: None)(adapters[0], np.array([0]))
+
+
+class _Bf16Block(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(16, use_bias=False, dtype=jnp.bfloat16, param_dtype=jnp.float32, name="q_proj")(x)
+
+
+class _Bf16Net(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    for i in range(4):
+      x = _Bf16Block(name=f"layers_{i}")(x)
+    return x
+
+
+def _float32_copies_of(jaxpr, shape):
+  """The ``convert_element_type`` equations (nested jaxprs included) that make a float32 array of ``shape``."""
+  found = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "convert_element_type":
+      out = eqn.outvars[0].aval
+      found += out.dtype == jnp.float32 and tuple(out.shape) == shape
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      found += _float32_copies_of(sub, shape)
+  return found
+
+
+@pytest.mark.parametrize("segment_max", [0, 64])
+def test_a_bf16_model_is_served_in_bf16_without_float32_copies_of_its_activations(segment_max):
+  """Issue 24.1 for serving: the term ran in the pools' float32 (the activations copied up) while training
+  runs it in the input's dtype. Values: each row equals its adapter alone (bf16 tolerance)."""
+  net = _Bf16Net()
+  x = jax.random.normal(jax.random.key(0), (3, 5, 16)).astype(jnp.bfloat16)
+  params = net.init(jax.random.key(1), x)["params"]
+  cfg = MoSConfig(rank=4, equivalent_rank=2, shards_per_vector=2, target_modules=("q_proj",))
+  adapters = [adapt(params, dataclasses.replace(cfg, seed=k)) for k in range(2)]
+  adapters = [a.replace(pools=random_pools(a.pools, seed=20 + k)) for k, a in enumerate(adapters)]
+  stack, ids = stack_adapters(adapters), np.array([1, -1, 0], np.int32)
+  plan = mos_jax.core.plan_rows(ids, 2, segment_max=segment_max)
+
+  def served(stack, x):
+    with inject_multi(stack, plan):
+      return net.apply({"params": params}, x)
+
+  y = jax.jit(served)(stack, x)
+  assert y.dtype == jnp.bfloat16
+  assert _float32_copies_of(jax.make_jaxpr(served)(stack, x).jaxpr, x.shape) == 0
+  for row, k in enumerate(ids):
+    if k < 0:
+      want = net.apply({"params": params}, x[row:row + 1])
+    else:
+      with inject(adapters[k]):
+        want = net.apply({"params": params}, x[row:row + 1])
+    assert_close(np.asarray(y[row:row + 1], np.float32), np.asarray(want, np.float32), rtol=3e-2)

@@ -267,7 +267,8 @@ def rows_term(stack: AdapterStack, group: Group, layer: int | jax.Array, plan: R
     group: the layer's module type.
     layer: the layer's index in the group (a traced scalar inside a scan).
     plan: from :func:`plan_rows`, one row per leading entry of ``x``.
-    x: the layer input, ``(batch, ..., d_in)``, in the pools' dtype.
+    x: the layer input, ``(batch, ..., d_in)``; the factors are cast to its dtype (a bf16 model's
+      activations are never copied to the pools' float32, as in training).
 
   Returns:
     The term, ``(batch, ..., d_out)``.
@@ -275,7 +276,8 @@ def rows_term(stack: AdapterStack, group: Group, layer: int | jax.Array, plan: R
   slots, tokens_per_row = plan.slots.shape[0], math.prod(x.shape[1:-1])
   if slots == 1 or 0 < slots * tokens_per_row <= plan.segment_max:
     a, b = row_factors(stack, group, layer, plan.slots)  # (S, r, d_in), (S, d_out, r)
-    a = a * stack.scale[plan.slots][:, None, None].astype(a.dtype)
+    a = (a * stack.scale[plan.slots][:, None, None].astype(a.dtype)).astype(x.dtype)
+    b = b.astype(x.dtype)
     h = jnp.einsum("b...i,sri->b...sr", x, a)
     pick = plan.slot.reshape((-1,) + (1,) * (h.ndim - 1))
     h = jnp.take_along_axis(h, pick, axis=-2)  # (batch, ..., 1, r): the row's own adapter
@@ -285,7 +287,8 @@ def rows_term(stack: AdapterStack, group: Group, layer: int | jax.Array, plan: R
       term = jnp.take_along_axis(jnp.einsum("b...r,sor->b...so", h[..., 0, :], b), pick, axis=-2)[..., 0, :]
   else:
     a, b = row_factors(stack, group, layer, plan.ids)  # (batch, r, d_in), (batch, d_out, r)
-    a = a * stack.scale[plan.ids][:, None, None].astype(a.dtype)
+    a = (a * stack.scale[plan.ids][:, None, None].astype(a.dtype)).astype(x.dtype)
+    b = b.astype(x.dtype)
     h = jnp.einsum("b...i,bri->b...r", x, a)
     term = jnp.einsum("b...r,bor->b...o", h, b)
   rows = (-1,) + (1,) * (term.ndim - 1)

@@ -68,8 +68,7 @@ def inject_multi(stack: AdapterStack, adapter_ids: jax.Array | RowPlan) -> Itera
     path, group, layer = found
     if layer is None:  # a stacked group inside nn.scan: the layer comes from the params with_factors gave
       layer = scanned_layer(module, path)
-    dtype = stack.pools[group.name]["A"].dtype
-    x, unflatten = flat_io(module, group, module_input(args, kwargs).astype(dtype), args, kwargs)
+    x, unflatten = flat_io(module, group, module_input(args, kwargs), args, kwargs)
     if x.shape[0] != plan.ids.shape[0]:
       raise ValueError(f"Layer {path} got input of shape {x.shape}, whose first axis is not the batch of "
                        f"{plan.ids.shape[0]} adapter ids.")

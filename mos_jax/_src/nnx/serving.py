@@ -106,8 +106,7 @@ class MultiMoSLayer(nnx.Module):
   def __call__(self, x: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
     y = self.base(x, *args, **kwargs)
     plan = self.served.plan()
-    dtype = self.served.pool_a[self.served.names.index(self.parts[0].name)][...].dtype
-    flat, unflatten = jnp.asarray(x).astype(dtype), lambda t: t
+    flat, unflatten = jnp.asarray(x), lambda t: t
     spec = EinsumSpec.of_call(getattr(self.base, "einsum_str", None), args, kwargs)
     if spec is not None:
       flat, unflatten = spec.flat_io(flat, self.io)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 import mos_jax
 import mos_jax.hf
+from experiments.lib import cli
 from experiments.lib.config import TrainConfig
 from experiments.lib.gsm8k_data import Pair, exact_match, final_number, get_data
 from experiments.lib.lm import decode_new, encode, left_pad_prompts, train_lm
@@ -79,23 +80,32 @@ PRESETS = {
 }
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+  """The command line (``--help`` lists every flag with its default)."""
+  parser = cli.parser(__doc__)
   parser.add_argument("--model", default="tiny", help="'tiny', a local HF folder, or a hub name")
-  parser.add_argument("--data-dir", default=default_data_dir("gsm8k"))
-  parser.add_argument("--allow-network", action="store_true")
-  parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-  parser.add_argument("--steps", type=int, default=300)
-  parser.add_argument("--rank", type=int, default=8)
-  parser.add_argument("--equivalent-rank", type=int, default=2)
-  parser.add_argument("--private-rank", type=int, default=0)
-  parser.add_argument("--shards-per-vector", type=int, default=2)
-  parser.add_argument("--train-limit", type=int, default=None, help="use the first N training problems")
+  parser.add_argument("--data-dir", default=default_data_dir("gsm8k"),
+                      help="folder with GSM8K's train.jsonl and test.jsonl")
+  parser.add_argument("--allow-network", action="store_true",
+                      help="download the data (HF datasets) and the model (hub) when not local")
+  parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                      help="optimizer, lengths and dtype: 'cpu' (small, float32) or 'paper' (spec section 7, bf16)")
+  parser.add_argument("--steps", type=int, default=300, help="training steps")
+  parser.add_argument("--rank", type=int, default=8, help="MoS active rank r")
+  parser.add_argument("--equivalent-rank", type=int, default=2,
+                      help="the LoRA rank whose parameter count MoS gets (sets the pool sizes)")
+  parser.add_argument("--private-rank", type=int, default=0, help="r_p: rank vectors private to each layer")
+  parser.add_argument("--shards-per-vector", type=int, default=2, help="l: shards concatenated into each vector")
+  parser.add_argument("--train-limit", type=int, default=None, help="use the first N training problems (all if unset)")
   parser.add_argument("--eval-limit", type=int, default=100, help="evaluate on the first N test problems")
-  parser.add_argument("--max-new-tokens", type=int, default=96)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out", default="runs/gsm8k")
-  args = parser.parse_args()
+  parser.add_argument("--max-new-tokens", type=int, default=96, help="generated tokens per answer at evaluation")
+  parser.add_argument("--seed", type=int, default=0, help="seed of the data order, the routing and the tiny model")
+  parser.add_argument("--out", default="runs/gsm8k", help="output folder")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  args = build_parser().parse_args(argv)
   preset = PRESETS[args.preset]
 
   start = time.perf_counter()

@@ -73,14 +73,13 @@ def load_results(path: Path) -> list[dict]:
 
 
 def run_missing(claim: ClaimConfig, data_dir: str | None, path: Path) -> None:
-  from experiments.lib.classification import train
+  from experiments.lib.classification import SST2Config, train
   from experiments.lib.config import TrainConfig
   from experiments.lib.minilm import load_minilm
   from experiments.lib.sentiment_data import load_datasets
-  from experiments.sst2_demo import DemoConfig
 
   model, tokenizer = load_minilm()
-  demo = DemoConfig(max_train=claim.max_train, max_len=claim.max_len)
+  demo = SST2Config(max_train=claim.max_train, max_len=claim.max_len)
   train_data, dev_data, source = load_datasets(data_dir, tokenizer, max_len=demo.max_len, seed=demo.seed,
                                                n_generated=demo.n_generated, max_train=demo.max_train)
   print(f"data: {source}: {len(train_data)} train / {len(dev_data)} dev")

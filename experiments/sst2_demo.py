@@ -1,4 +1,4 @@
-"""The embedded default (`make demo`): fine-tune pretrained MiniLM-L6 with MoS on sentiment.
+"""`make demo-minilm`: fine-tune pretrained MiniLM-L6 with MoS on sentiment.
 
 Data: SST-2 from --data-dir (default: $MOS_DATA_DIR, else ../shared/data/sst2 beside the
 repo when present), else GLUE SST-2 from HF `datasets` with --allow-network, else a
@@ -12,41 +12,33 @@ a results table and where the plot, metrics and adapter files are.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import time
+from typing import Sequence
 
 import mos_jax
-from experiments.lib.classification import train
+from experiments.lib import cli
+from experiments.lib.classification import SST2Config as DemoConfig, train
 from experiments.lib.config import TrainConfig
 from experiments.lib.minilm import load_minilm
 from experiments.lib.paths import default_data_dir
 from experiments.lib.sentiment_data import load_datasets
 
 
-@dataclasses.dataclass(frozen=True)
-class DemoConfig:
-  steps: int = 250
-  batch_size: int = 32
-  max_len: int = 64
-  max_train: int = 20_000
-  n_generated: tuple[int, int] = (4000, 800)
-  lr: float = 2e-3
-  seed: int = 0
-  compute_dtype: str = "float32"
-  mos: mos_jax.MoSConfig = mos_jax.MoSConfig(
-      rank=6, equivalent_rank=1, private_rank=0, shards_per_vector=2, alpha=16.0, dropout=0.1,
-      target_modules=mos_jax.core.BERT_TARGETS)
 
-
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+  """The command line (``--help`` lists every flag with its default)."""
+  parser = cli.parser(__doc__)
   parser.add_argument("--data-dir", default=default_data_dir("sst2"), help="folder with train.tsv and dev.tsv")
   parser.add_argument("--allow-network", action="store_true", help="try HF datasets when no --data-dir")
   parser.add_argument("--generated", action="store_true", help="use the generated data set, not SST-2")
-  parser.add_argument("--steps", type=int, default=DemoConfig.steps)
-  parser.add_argument("--out", default="runs/demo")
-  args = parser.parse_args()
+  parser.add_argument("--steps", type=int, default=DemoConfig.steps, help="training steps of each run")
+  parser.add_argument("--out", default="runs/demo", help="output folder (one subfolder per run)")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  args = build_parser().parse_args(argv)
   demo = DemoConfig(steps=args.steps)
 
   start = time.perf_counter()

@@ -1,12 +1,16 @@
 """Smallest end-to-end MoS fine-tune: a tiny random Llama learns a fixed sequence task.
 
 Trains the same frozen base three ways (LoRA r=8, MoS r=8 at LoRA-1's budget, frozen)
-and prints the final loss and trainable parameters of each. Runs in about a minute:
+and prints the final loss and trainable parameters of each:
 
-    .venv/bin/python -m experiments.tiny_llama_demo
+    .venv/bin/python -m experiments.tiny_llama_demo [--steps N] [--layers L] [--lr LR]
 """
 
+from __future__ import annotations
+
+import argparse
 import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +18,20 @@ import numpy as np
 import optax
 
 import mos_jax
+from experiments.lib import cli
 from experiments.lib.models import random_llama
 
-STEPS, LAYERS = 150, 8
+STEPS, LAYERS, LR = 150, 8, 3e-3
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The command line (``--help`` lists every flag with its default)."""
+  p = cli.parser(__doc__)
+  p.add_argument("--steps", type=int, default=STEPS, help="training steps of each run")
+  p.add_argument("--layers", type=int, default=LAYERS,
+                 help="decoder layers of the random Llama (at least 8: MoS r=8 at LoRA-1's budget draws 8 of L vectors)")
+  p.add_argument("--lr", type=float, default=LR, help="peak learning rate (AdamW, warmup over up to 10 steps, cosine decay)")
+  return p
 
 
 def make_batch(seed: int = 0) -> jax.Array:
@@ -26,8 +41,13 @@ def make_batch(seed: int = 0) -> jax.Array:
   return jnp.asarray((start + stride * np.arange(16)) % 64, jnp.int32)
 
 
-def main() -> None:
-  model = random_llama(vocab=64, hidden=64, intermediate=128, layers=LAYERS, heads=4, kv_heads=2, max_positions=32)
+def main(argv: Sequence[str] | None = None) -> None:
+  args = build_parser().parse_args(argv)
+  if args.steps < 1 or args.layers < 8 or not args.lr > 0:
+    raise SystemExit(f"--steps must be at least 1, --layers at least 8 and --lr positive; got {args.steps}, "
+                     f"{args.layers}, {args.lr}")
+  model = random_llama(vocab=64, hidden=64, intermediate=128, layers=args.layers, heads=4, kv_heads=2,
+                       max_positions=32)
   ids = make_batch()
 
   def loss_fn(params, batch):
@@ -39,11 +59,11 @@ def main() -> None:
                     ("MoS r=8, r_e=1, l=2", mos_jax.MoSConfig(rank=8, equivalent_rank=1, shards_per_vector=2)),
                     ("LoRA r=1", mos_jax.MoSConfig.lora(1))]:
     adapter = mos_jax.adapt(model.params, cfg)
-    optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 3e-3, 10, STEPS))
+    optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, args.lr, min(10, args.steps - 1), args.steps))
     step = mos_jax.linen.make_train_step(loss_fn, optimizer)
     opt_state = optimizer.init(adapter)
     start = time.perf_counter()
-    for i in range(STEPS):
+    for i in range(args.steps):
       adapter, opt_state, loss = step(adapter, opt_state, model.params, ids, jax.random.key(i))
     rows.append((name, adapter, float(loss), time.perf_counter() - start))
   print(mos_jax.summary(rows[2][1]))

@@ -12,7 +12,7 @@ and ``mos_jax.hf`` (HF ``transformers`` glue, optional extra).
 Example:
   >>> import jax.numpy as jnp, optax, mos_jax
   >>> params = {"layers": {str(i): {"q_proj": {"kernel": jnp.zeros((8, 4))}} for i in range(4)}}
-  >>> adapter = mos_jax.adapt(params, mos_jax.MoSConfig(rank=4, equivalent_rank=1))
+  >>> adapter = mos_jax.adapt(params, mos_jax.MoSConfig(rank=4, equivalent_rank=1, target_modules=["q_proj"]))
   >>> opt_state = optax.adam(1e-3).init(adapter)   # only the pools are leaves
   >>> merged = mos_jax.merge(params, adapter)
 """

@@ -3,27 +3,51 @@
 # DRY_RUN=1 (or --dry-run on any script) prints each gcloud command instead of running it.
 
 : "${TPU_NAME:=mos-jax}"                       # the TPU VM / slice (the node id)
-: "${ZONE:=us-central2-b}"                     # v4: us-central2-b; v5e: e.g. us-west4-a
-: "${ACCELERATOR_TYPE:=v4-8}"                  # v4-8 (1 host), v4-32 or v5litepod-16 (16 chips on 4 hosts)
-: "${RUNTIME_VERSION:=tpu-ubuntu2204-base}"    # v5e: v2-alpha-tpuv5-lite
+: "${ZONE:=}"                                  # required: v4 us-central2-b; v5e e.g. us-west4-a, us-east5-a
+: "${ACCELERATOR_TYPE:=v5litepod-16}"          # v4-8 (1 host), v4-32 or v5litepod-16 (16 chips on 4 hosts)
+: "${RUNTIME_VERSION:=}"                       # default: the one for ACCELERATOR_TYPE (runtime_for below)
 : "${SPOT:=1}"                                 # Spot capacity (preemptible, much cheaper); 0 = on demand
 : "${QUEUED:=1}"                               # create through a queued resource (Google's advice for Spot)
 : "${QR_NAME:=$TPU_NAME}"                      # the queued resource's id
+: "${QUEUE_VALID_FOR:=}"                       # e.g. 12h: the queued request expires if not served by then
 : "${PROJECT:=$(gcloud config get-value project 2>/dev/null || true)}"
 : "${REPO_DIR:=mos_jax}"                       # checkout folder in each worker's home
-: "${CONFIG:=experiments/configs/llama2_7b.py}"
-: "${WORKDIR:=gs://my-bucket/mos_jax/run1}"    # shared by all workers: checkpoints + metrics
-: "${TRAIN_ARGS:=}"                            # more train_sharded flags, e.g. "--steps 2000"
+: "${CONFIG:=experiments/configs/gemma3_4b_v5e16.py}"
+: "${WORKDIR:=gs://my-bucket/mos_jax/run1}"    # shared by all workers: checkpoints, metrics, logs/
+: "${DATA:=}"                                  # instruction rows (JSONL/Parquet), gs://...; default: CONFIG's
+: "${TRAIN_ARGS:=}"                            # more experiments.train flags, e.g. "--steps 2000"
 : "${MODEL_SRC:=}"                             # weights to copy to every worker: gs://... or hf://ORG/NAME
 : "${MODEL_DIR:=models/${MODEL_SRC##*/}}"      # where they go, relative to each worker's home
 : "${HF_TOKEN_FILE:=$HOME/.cache/huggingface/token}"  # for hf:// weights (`hf auth login` writes it)
 : "${JAX_TPU_SPEC:=jax[tpu]==0.10.2}"
+: "${KEEP_SLICE:=0}"                           # 1: resume.sh leaves the slice up when it stops
+: "${MAX_RUN_HOURS:=48}"                       # resume.sh checkpoints, stops and deletes the slice after this
+: "${WATCHDOG_MINUTES:=30}"                    # no log line for this long while RUNNING: restart training
+: "${LOG_UPLOAD_SECONDS:=300}"                 # each worker copies its log to $WORKDIR/logs/ this often
 : "${CHECK_SSH_AGENT:=1}"
 DRY_RUN="${DRY_RUN:-0}"
 
 for arg in "$@"; do
   if [[ "$arg" == "--dry-run" ]]; then DRY_RUN=1; fi
 done
+# The Cloud TPU runtime (VM image) each accelerator generation needs (Google's TPU software versions page).
+runtime_for() {
+  case "$1" in
+    v4-*) echo "tpu-ubuntu2204-base" ;;
+    v5litepod-* | v5e-*) echo "v2-alpha-tpuv5-lite" ;;
+    v5p-*) echo "v2-alpha-tpuv5" ;;
+    v6e-*) echo "v2-alpha-tpuv6e" ;;
+    *) echo "" ;;
+  esac
+}
+if [[ -z "$RUNTIME_VERSION" ]]; then RUNTIME_VERSION="$(runtime_for "$ACCELERATOR_TYPE")"; fi
+if [[ -z "$ZONE" ]]; then
+  if [[ "$DRY_RUN" != "1" ]]; then
+    echo "No zone: set ZONE (v4: us-central2-b; v5e: e.g. us-west4-a). A TPU type is offered only in some zones." >&2
+    exit 2
+  fi
+  ZONE="ZONE"
+fi
 if [[ -z "$PROJECT" ]]; then
   if [[ "$DRY_RUN" != "1" ]]; then
     echo "No GCP project: set PROJECT=<project id> or run 'gcloud config set project <id>'." >&2

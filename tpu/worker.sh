@@ -1,26 +1,37 @@
 #!/usr/bin/env bash
 # Runs ON each TPU VM worker; the tpu/*.sh scripts call it over ssh from the copied checkout.
 #
-#   worker.sh setup [JAX_TPU_SPEC]              Python 3.11 venv: the project + gcsfs + jax[tpu]
-#   worker.sh fetch-weights SRC DEST            copy gs://... or hf://ORG/NAME weights to DEST
-#   worker.sh launch CONFIG WORKDIR [ARGS...]   end stale TPU holders, start training detached
-#   worker.sh stop                              SIGTERM the training process and wait for it
-#   worker.sh status                            NOT_INSTALLED | IDLE | RUNNING | EXITED <status>
+#   worker.sh setup [JAX_TPU_SPEC]              Python 3.11 venv: the project (pinned by tpu/constraints.txt),
+#                                               gcsfs, Tunix and qwix, jax[tpu]
+#   worker.sh fetch-weights SRC DEST            copy gs://... or hf://ORG/NAME weights (safetensors only) to DEST
+#   worker.sh launch WORKDIR [ARGS...]          end stale TPU holders, start experiments.train detached
+#   worker.sh stop [--force]                    SIGTERM training and wait (--force: SIGKILL after STOP_TIMEOUT)
+#   worker.sh status [--age]                    NOT_INSTALLED | IDLE | RUNNING [seconds since the log last grew]
+#                                               | EXITED <status>
+#   worker.sh upload-logs WORKDIR               copy the log to WORKDIR/logs/worker-<N>.log
 #   worker.sh logs                              follow the training log
 #
 # One training process per worker, tracked by files in $MOS_STATE_DIR (default ~/mos_run): the
-# pid of the wrapper that runs it, its exit status and its log. Processes are found by pid, never
-# by matching command lines (`pkill -f` would match the very shell that runs it).
+# pid of the wrapper that runs it, the training process's pid, its exit status and its log. The log
+# is appended to (each launch starts with a header line), and the wrapper copies it to
+# $WORKDIR/logs/ every LOG_UPLOAD_SECONDS and when training exits, so it outlives a preempted VM.
+# Processes are found by pid, never by matching command lines (`pkill -f` would match the very
+# shell that runs it).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 state="${MOS_STATE_DIR:-$HOME/mos_run}"
 pid_file="$state/train.pid"
+child_file="$state/train.child"
 exit_file="$state/train.exit"
 log_file="$state/train.log"
 stamp="$repo/.venv/.mos-tpu-installed"
+constraints="$repo/tpu/constraints.txt"
 : "${UV_SPEC:=uv==0.13.9}"
 : "${STOP_TIMEOUT:=600}"
+: "${LOG_UPLOAD_SECONDS:=300}"
+# Tunix's and qwix's model code, installed without their declared deps (TensorFlow datasets, grain, ...).
+: "${NO_DEPS_SPECS:=google-tunix==0.1.7 qwix==0.1.8}"
 sudo=()
 if [[ "$EUID" -ne 0 ]]; then sudo=(sudo -n); fi
 
@@ -43,9 +54,9 @@ find_python() {
 }
 
 setup() {
-  local spec="${1:-jax[tpu]==0.10.2}" want python
+  local spec="${1:-jax[tpu]==0.10.2}" want python no_deps
   # Rebuild only when the dependencies changed; re-running setup then only ships code.
-  want="$({ cat "$repo/pyproject.toml"; printf '%s\n' "$spec"; } | sha256sum | cut -d' ' -f1)"
+  want="$({ cat "$repo/pyproject.toml" "$constraints"; printf '%s\n' "$spec"; } | sha256sum | cut -d' ' -f1)"
   if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
     echo "setup: $repo/.venv is up to date"
     return
@@ -55,7 +66,10 @@ setup() {
   "$python" -m venv "$repo/.venv"
   "$repo/.venv/bin/pip" install -q --upgrade pip
   # [experiments]: what experiments/ imports; [gcs]: gcsfs, for gs:// workdirs; libtpu comes with jax[tpu].
-  "$repo/.venv/bin/pip" install -q -e "${repo}[experiments,gcs]" "$spec"
+  # Every version pinned by the constraints file: each worker gets the same packages as the test suite.
+  "$repo/.venv/bin/pip" install -q -c "$constraints" -e "${repo}[experiments,gcs]" "$spec"
+  read -ra no_deps <<<"$NO_DEPS_SPECS"
+  "$repo/.venv/bin/pip" install -q --no-deps -c "$constraints" "${no_deps[@]}"
   echo "$want" >"$stamp"
   echo "setup: installed $repo/.venv ($("$repo/.venv/bin/python" --version))"
 }
@@ -65,14 +79,21 @@ fetch_weights() {
   if [[ -f "$dest/.complete" ]]; then echo "weights: $dest is there"; return; fi
   mkdir -p "$dest"
   case "$src" in
-    gs://*) gcloud storage cp -r "${src%/}/*" "$dest/" ;;
+    gs://*)
+      # Safetensors, configs and tokenizer files only: never a folder's PyTorch .bin copy of the weights.
+      local wanted=()
+      mapfile -t wanted < <(gcloud storage ls "${src%/}/" | grep -E '(\.safetensors|\.json|\.jinja|/tokenizer\.model)$')
+      ((${#wanted[@]})) || die "no safetensors or config in $src"
+      gcloud storage cp "${wanted[@]}" "$dest/" ;;
     hf://*)
       if [[ -f "$HOME/.hf_token" ]]; then  # sent by setup.sh; where huggingface_hub reads it
         mkdir -p "$HOME/.cache/huggingface"
         install -m 600 "$HOME/.hf_token" "$HOME/.cache/huggingface/token"
         rm -f "$HOME/.hf_token"
       fi
-      "$repo/.venv/bin/hf" download "${src#hf://}" --local-dir "$dest" ;;
+      # Safetensors only (a hub folder may also hold the same weights as .bin or .pth: twice the download).
+      "$repo/.venv/bin/hf" download "${src#hf://}" --local-dir "$dest" --include "*.safetensors" "*.json" \
+        "*.jinja" "tokenizer*" ;;
     *) die "weights must come from gs://BUCKET/PATH or hf://ORG/NAME, not $src" ;;
   esac
   touch "$dest/.complete"
@@ -83,7 +104,7 @@ running() {
   [[ -f "$pid_file" ]] || return 1
   pid="$(cat "$pid_file")"
   # The pid could have been reused since: check that it is still our wrapper.
-  kill -0 "$pid" 2>/dev/null && grep -qa "train_sharded" "/proc/$pid/cmdline" 2>/dev/null
+  kill -0 "$pid" 2>/dev/null && grep -qa "experiments.train" "/proc/$pid/cmdline" 2>/dev/null
 }
 
 # Whether process $1 exists and is not a zombie (a killed process whose parent has not reaped it).
@@ -121,40 +142,81 @@ kill_stale() {
   "${sudo[@]}" rm -f /tmp/libtpu_lockfile
 }
 
+# This worker's index in the slice: $MOS_WORKER_ID, else the TPU metadata's agent-worker-number.
+worker_id() {
+  if [[ -n "${MOS_WORKER_ID:-}" ]]; then echo "$MOS_WORKER_ID"; return; fi
+  curl -sf -H "Metadata-Flavor: Google" \
+    "http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number" 2>/dev/null \
+    || hostname
+}
+
+upload_logs() {
+  local workdir="$1" target
+  [[ -f "$log_file" ]] || return 0
+  target="${workdir%/}/logs/worker-$(worker_id).log"
+  if [[ "$workdir" == gs://* ]]; then
+    gcloud storage cp "$log_file" "$target" >/dev/null 2>&1 || echo "worker.sh: could not upload the log to $target" >&2
+  else
+    mkdir -p "$(dirname "$target")" && cp "$log_file" "$target"
+  fi
+}
+
 launch() {
-  (($# >= 2)) || die "usage: worker.sh launch CONFIG WORKDIR [TRAIN_ARGS...]"
-  local config="$1" workdir="$2"
-  shift 2
+  (($# >= 1)) || die "usage: worker.sh launch WORKDIR [TRAIN_ARGS...]"
+  local workdir="$1"
+  shift
   [[ -x "$repo/.venv/bin/python" ]] || die "no $repo/.venv: run tpu/setup.sh first"
   mkdir -p "$state"
   if running; then
     die "training is already running (pid $(cat "$pid_file")): tpu/stop.sh first"
   fi
   kill_stale
-  rm -f "$exit_file"
+  rm -f "$exit_file" "$child_file"
   cd "$repo"
+  echo "=== $(date -u +%FT%TZ) launch on worker $(worker_id): experiments.train --workdir $workdir $*" >>"$log_file"
   # Detached: its own session (outlives this ssh session) and no descriptor shared with ssh, whose
-  # channel closes, so ssh returns at once. The wrapper records the exit status when training ends.
+  # channel closes, so ssh returns at once. The wrapper records training's pid and exit status and
+  # copies the log to the bucket now and then (a preempted VM's disk is gone) and at the end.
   # shellcheck disable=SC2016  # expanded by the wrapper shell, not here
-  setsid nohup bash -c '"$@"; echo "$?" >"$0"' "$exit_file" \
-    "$repo/.venv/bin/python" -m experiments.train_sharded --config "$config" --workdir "$workdir" "$@" \
-    >"$log_file" 2>&1 </dev/null &
+  setsid nohup bash -c '
+    state=$1 workdir=$2 every=$3 helper=$4; shift 4
+    (while sleep "$every"; do bash "$helper" upload-logs "$workdir"; done) &
+    uploader=$!
+    "$@" &
+    echo "$!" >"$state/train.child"
+    wait "$!"
+    status=$?
+    kill "$uploader" 2>/dev/null
+    bash "$helper" upload-logs "$workdir"
+    echo "$status" >"$state/train.exit"' \
+    wrapper "$state" "$workdir" "$LOG_UPLOAD_SECONDS" "$repo/tpu/worker.sh" \
+    "$repo/.venv/bin/python" -m experiments.train --workdir "$workdir" --no-progress "$@" \
+    >>"$log_file" 2>&1 </dev/null &
   echo "$!" >"$pid_file"
   echo "launched training (wrapper pid $!); log: $log_file"
 }
 
 stop() {
-  local wrapper child deadline=$((SECONDS + STOP_TIMEOUT))
+  local wrapper child deadline=$((SECONDS + STOP_TIMEOUT)) force="${1:-}"
   if ! running; then
     echo "no training running"
     return 0
   fi
   wrapper="$(cat "$pid_file")"
-  child="$(pgrep -P "$wrapper" || true)"  # the training process: the wrapper's only child
-  # SIGTERM to training only: the wrapper lives on to record the exit status.
-  kill -TERM "${child:-$wrapper}"
+  child="$(cat "$child_file" 2>/dev/null || true)"
+  # SIGTERM to training only: the wrapper lives on to record the exit status and upload the log.
+  kill -TERM "${child:-$wrapper}" 2>/dev/null || true
   while running; do
-    if ((SECONDS >= deadline)); then die "training still running after $STOP_TIMEOUT s (pid ${child:-$wrapper})"; fi
+    if ((SECONDS >= deadline)); then
+      if [[ "$force" == "--force" && -n "$child" ]]; then
+        echo "training ignored SIGTERM for $STOP_TIMEOUT s (hung?): SIGKILL"
+        kill -KILL "$child" 2>/dev/null || true
+        deadline=$((SECONDS + 30))
+        force=""
+        continue
+      fi
+      die "training still running after $STOP_TIMEOUT s (pid ${child:-$wrapper})"
+    fi
     sleep 0.2
   done
   echo "training exited with status $(cat "$exit_file" 2>/dev/null || echo unknown)"
@@ -164,7 +226,11 @@ status() {
   if [[ ! -x "$repo/.venv/bin/python" || ! -f "$stamp" ]]; then
     echo "NOT_INSTALLED"
   elif running; then
-    echo "RUNNING"
+    if [[ "${1:-}" == "--age" ]]; then
+      echo "RUNNING $(($(date +%s) - $(stat -c %Y "$log_file" 2>/dev/null || date +%s)))"
+    else
+      echo "RUNNING"
+    fi
   elif [[ -f "$exit_file" ]]; then
     echo "EXITED $(cat "$exit_file")"
   elif [[ -f "$pid_file" ]]; then
@@ -178,8 +244,9 @@ case "${1:-}" in
   setup) shift; setup "$@" ;;
   fetch-weights) shift; (($# == 2)) || die "usage: worker.sh fetch-weights SRC DEST"; fetch_weights "$@" ;;
   launch) shift; launch "$@" ;;
-  stop) stop ;;
-  status) status ;;
+  stop) shift; stop "$@" ;;
+  status) shift; status "$@" ;;
+  upload-logs) shift; (($# == 1)) || die "usage: worker.sh upload-logs WORKDIR"; upload_logs "$1" ;;
   logs) exec tail -n "${LOG_LINES:-100}" -F "$log_file" ;;
-  *) die "usage: worker.sh setup|fetch-weights|launch|stop|status|logs (see the header of $0)" ;;
+  *) die "usage: worker.sh setup|fetch-weights|launch|stop|status|upload-logs|logs (see the header of $0)" ;;
 esac

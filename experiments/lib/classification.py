@@ -160,3 +160,20 @@ def train(model: Any, params: Any, train_data: Dataset, eval_data: Dataset, cfg:
           "trainable": clf.trainable_count(), "step_seconds": result["step_seconds"],
           "trainable_state": trained, "adapter": trained.get("adapter"),
           "paths": {"metrics": result["metrics_path"], "plot": result["plot_path"], "adapter": adapter_path}}
+
+
+@dataclasses.dataclass(frozen=True)
+class SST2Config:
+  """The MiniLM-on-SST-2 run of ``experiments.sst2_demo``, also the rows' defaults of ``sst2_claim``."""
+
+  steps: int = 250
+  batch_size: int = 32
+  max_len: int = 64
+  max_train: int = 20_000
+  n_generated: tuple[int, int] = (4000, 800)
+  lr: float = 2e-3
+  seed: int = 0
+  compute_dtype: str = "float32"
+  mos: mos_jax.MoSConfig = mos_jax.MoSConfig(
+      rank=6, equivalent_rank=1, private_rank=0, shards_per_vector=2, alpha=16.0, dropout=0.1,
+      target_modules=mos_jax.core.BERT_TARGETS)

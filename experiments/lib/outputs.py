@@ -1,4 +1,4 @@
-"""The files a training run leaves beside its metrics: the native adapter, a head, ``adapter_config.json``."""
+"""The files a training run leaves beside its metrics: the native adapter, a head, ``mos_config.json``."""
 
 from __future__ import annotations
 
@@ -16,14 +16,20 @@ from mos_jax.core import ROUTING_VERSION, path_str
 from mos_jax.formats import atomic_file
 from experiments.lib.config import TrainConfig
 
+#: The run's record beside the native adapter (not PEFT's ``adapter_config.json``).
+RUN_CONFIG = "mos_config.json"
+
 
 def save_outputs(out_dir: Path, cfg: TrainConfig, *, adapter: mos_jax.Adapter | None = None,
                  head: Any = None) -> Path | None:
-  """Writes the trained adapter, the head (if any) and the run's ``adapter_config.json``.
+  """Writes the trained adapter, the head (if any) and the run's ``mos_config.json``.
 
   ``adapter.safetensors`` is :func:`mos_jax.save_adapter`'s native file (pools,
   routing, config), so :func:`mos_jax.load_adapter` reads it back; a
   classifier's head goes to ``head.safetensors`` (keys are its leaf paths).
+  ``mos_config.json`` records the run (training settings, MoS config, groups). It is not
+  named ``adapter_config.json``: that name is PEFT's, for the folder of
+  :func:`mos_jax.export_peft`, and ``PeftConfig.from_pretrained`` would misread this one.
 
   Returns:
     The adapter file's path (``None`` without an adapter).
@@ -36,5 +42,5 @@ def save_outputs(out_dir: Path, cfg: TrainConfig, *, adapter: mos_jax.Adapter | 
           "mos": dataclasses.asdict(cfg.mos) if cfg.mos else None,
           "routing_version": ROUTING_VERSION,
           "groups": [g.name for g in adapter.groups] if adapter is not None else []}
-  atomic_file(out_dir / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+  atomic_file(out_dir / RUN_CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
   return path

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,26 @@ def require_filesystem(path: Any) -> None:
   if str(path).startswith("gs://") and importlib.util.find_spec("gcsfs") is None:
     raise RuntimeError(f"{path} is a GCS bucket, which needs gcsfs: .venv/bin/pip install -e '.[gcs]' "
                        "(tpu/setup.sh installs it on TPU workers).")
+
+
+def read_rows(path: Any) -> list[dict]:
+  """The JSON rows of a JSONL log; a torn last line (a write cut by a kill) is skipped with a warning.
+
+  Raises:
+    ValueError: a line other than the last is not JSON (the file was damaged, not cut).
+  """
+  lines = epath.Path(path).read_text().splitlines()
+  rows = []
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if i < len(lines) - 1:
+        raise ValueError(f"{path}: line {i + 1} of {len(lines)} is not JSON ({e}); only a torn last line "
+                         "is expected after a kill. Repair or remove the file to start the log anew.") from e
+      warnings.warn(f"{path}: skipped a torn last line ({len(line)} characters) left by an interrupted write.",
+                    stacklevel=2)
+  return rows
 
 
 class JsonlLog:
@@ -61,7 +82,7 @@ class JsonlLog:
     self._remote = is_remote(target)
     self._tmp = tempfile.TemporaryDirectory(prefix="mos_log_") if self._remote else None
     self.local = Path(self._tmp.name) / target.name if self._remote else Path(str(target))
-    kept = self._rows_until(keep_until)
+    kept = self._kept = self._rows_until(keep_until)
     self.local.parent.mkdir(parents=True, exist_ok=True)
     self.local.write_text("".join(json.dumps(row) + "\n" for row in kept))
     self._file = self.local.open("a")
@@ -72,7 +93,11 @@ class JsonlLog:
   def _rows_until(self, step: int | None) -> list[dict]:
     if step is None or not self.target.exists():
       return []
-    return [row for row in map(json.loads, self.target.read_text().splitlines()) if row["step"] <= step]
+    return [row for row in read_rows(self.target) if row["step"] <= step]
+
+  def rows(self) -> list[dict]:
+    """The rows kept when the log opened (a copy)."""
+    return list(self._kept)
 
   def write(self, row: dict) -> None:
     """Appends ``row`` (flushed locally; uploaded if ``sync_seconds`` have passed)."""

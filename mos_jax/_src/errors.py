@@ -1,4 +1,4 @@
-"""The two error types every file, checkpoint and adapter check raises."""
+"""The error types every file, checkpoint and adapter check raises."""
 
 
 class MismatchError(ValueError):
@@ -7,3 +7,7 @@ class MismatchError(ValueError):
 
 class CorruptError(RuntimeError):
   """A file or checkpoint cannot be read back, or reads back different from what was saved."""
+
+
+class LockedError(RuntimeError):
+  """Another process is writing the same export folder or checkpoint directory."""

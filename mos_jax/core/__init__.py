@@ -7,7 +7,7 @@ Example:
   >>> import jax.numpy as jnp
   >>> from mos_jax import core
   >>> params = {"layers": {str(i): {"q_proj": {"kernel": jnp.zeros((8, 4))}} for i in range(2)}}
-  >>> adapter = core.adapt(params, core.MoSConfig(rank=2, equivalent_rank=1))
+  >>> adapter = core.adapt(params, core.MoSConfig(rank=2, equivalent_rank=1, target_modules=["q_proj"]))
   >>> [(g.name, g.num_layers) for g in adapter.spec.groups]
   [('layers/*/q_proj', 2)]
 """

@@ -1,10 +1,16 @@
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 
 from mos_jax import MoSConfig
+from mos_jax.core import LLAMA_TARGETS
+from oracles.helpers import REPO_ROOT
 
 
 def test_lora_and_pure_sharing_constructors():
@@ -72,6 +78,7 @@ def test_config_is_frozen_and_hashable():
     ("shard_privatization", "False", "shard_privatization must be True or False"),
     ("pool_dtype", np.dtype("int32"), "pool_dtype must be a float dtype"),
     ("pool_dtype", "f32x", "pool_dtype must be a float dtype"),
+    ("pool_dtype", None, "pool_dtype must be a float dtype"),  # issue 20.13: NumPy reads None as float64
 ])
 def test_every_field_is_validated_and_named(field, value, message):
   with pytest.raises(ValueError, match=message):
@@ -97,7 +104,53 @@ def test_numpy_config_survives_adapt_and_save(tmp_path):
   import jax.numpy as jnp
   import mos_jax
   params = {"layers": {str(i): {"q_proj": {"kernel": jnp.ones((8, 8))}} for i in range(2)}}
-  cfg = MoSConfig(rank=np.int64(2), equivalent_rank=np.int64(1), seed=np.int64(3), pool_dtype=np.dtype("float32"))
+  cfg = MoSConfig(rank=np.int64(2), equivalent_rank=np.int64(1), seed=np.int64(3), pool_dtype=np.dtype("float32"),
+                  target_modules=["q_proj"])
   adapter = mos_jax.adapt(params, cfg)
   mos_jax.save_adapter(tmp_path / "a.safetensors", adapter)
   assert mos_jax.load_adapter(tmp_path / "a.safetensors").config == cfg
+
+
+SET_TARGETS = textwrap.dedent("""
+    import json, jax.numpy as jnp, mos_jax
+    from mos_jax.core import LLAMA_TARGETS
+    params = {"layers": {str(i): {n: {"kernel": jnp.ones((8, 8))} for n in LLAMA_TARGETS} for i in range(2)}}
+    config = mos_jax.MoSConfig(rank=2, equivalent_rank=1, target_modules=set(LLAMA_TARGETS))
+    print(json.dumps([list(config.target_modules), mos_jax.train.adapter_identity(mos_jax.adapt(params, config))]))
+""")
+
+
+def test_target_modules_given_as_a_set_are_the_same_config_in_every_process():
+  """Issue 20.6: a set kept its hash order, so a resumed run in a new process "did not belong to this run"."""
+  outputs = set()
+  for seed in ("0", "1", "2", "3"):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-c", SET_TARGETS], capture_output=True, text=True, timeout=300,
+                          cwd=REPO_ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    outputs.add(proc.stdout.strip().splitlines()[-1])
+  assert len(outputs) == 1, outputs
+  (targets, _), = (json.loads(o) for o in outputs)
+  assert targets == sorted(LLAMA_TARGETS)
+  assert MoSConfig(rank=4, equivalent_rank=1, target_modules={"v_proj", "q_proj"}).target_modules == \
+      ("q_proj", "v_proj")
+  assert MoSConfig(rank=4, equivalent_rank=1, target_modules=frozenset({"v_proj", "q_proj"})) == \
+      MoSConfig(rank=4, equivalent_rank=1, target_modules=["q_proj", "v_proj"])
+
+
+def test_float64_pools_without_x64_are_refused_with_the_fix(tmp_path):
+  """Issue 20.13: float64 pools silently became float32 when JAX's 64-bit mode is off."""
+  import jax
+  import jax.numpy as jnp
+  import mos_jax
+  assert not jax.config.read("jax_enable_x64")
+  params = {"layers": {str(i): {"q_proj": {"kernel": jnp.ones((8, 8))}} for i in range(2)}}
+  config = MoSConfig(rank=2, equivalent_rank=1, target_modules=["q_proj"], pool_dtype="float64")
+  with pytest.raises(ValueError, match=r"pool_dtype='float64' needs JAX's 64-bit mode.*jax_enable_x64"):
+    mos_jax.adapt(params, config)
+  # A float64 adapter file (written by a process with x64 on) is refused the same way, not loaded as float32.
+  spec = mos_jax.core.make_spec(config, mos_jax.core.find_groups(params, config))
+  pools = {g.name: {"A": np.ones((2, 8)), "B": np.zeros((2, 8))} for g in spec.groups}
+  mos_jax.save_adapter(tmp_path / "a64.safetensors", mos_jax.Adapter(pools=pools, spec=spec))
+  with pytest.raises(ValueError, match=r"a64.safetensors: pool_dtype='float64' needs JAX's 64-bit mode"):
+    mos_jax.load_adapter(tmp_path / "a64.safetensors")

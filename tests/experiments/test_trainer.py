@@ -51,7 +51,7 @@ def test_three_steps_on_tiny_bert_write_outputs(tiny_bert, tmp_path):
   assert [r["step"] for r in rows] == [1, 2, 3] and "eval_accuracy" in rows[1] and "eval_accuracy" in rows[2]
   assert result["paths"]["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert result["paths"]["adapter"].stat().st_size > 0
-  meta = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+  meta = json.loads((tmp_path / "run" / "mos_config.json").read_text())
   assert meta["mos"]["rank"] == 3 and len(meta["groups"]) == 6
   # Base params are never updated: bit-identical after training.
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.tree_util.tree_map(np.asarray, tiny_bert.params), before)

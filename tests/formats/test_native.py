@@ -186,7 +186,8 @@ def test_native_files_are_byte_reproducible_across_processes(tmp_path):
       "import sys, jax.numpy as jnp, mos_jax\n"
       "params = {'layers': {str(i): {'q_proj': {'kernel': jnp.ones((8, 8))}, 'v_proj': {'kernel': jnp.ones((8, 4))}}"
       " for i in range(3)}}\n"
-      "mos_jax.save_adapter(sys.argv[1], mos_jax.adapt(params, mos_jax.MoSConfig(rank=2, equivalent_rank=1, seed=5)))\n")
+      "mos_jax.save_adapter(sys.argv[1], mos_jax.adapt(params, mos_jax.MoSConfig(rank=2, equivalent_rank=1, seed=5,"
+      " target_modules=['q_proj', 'v_proj'])))\n")
   digests = set()
   for k in range(3):
     out = tmp_path / f"a{k}.safetensors"
@@ -247,3 +248,13 @@ def test_a_file_written_before_the_restructure_loads_and_saves_back_byte_for_byt
   jax.tree_util.tree_map(np.testing.assert_array_equal, loaded.pools, expected.pools)
   assert save_adapter(tmp_path / "again.safetensors", loaded).read_bytes() == old.read_bytes()
   assert save_adapter(tmp_path / "fresh.safetensors", expected).read_bytes() == old.read_bytes()
+
+
+def test_a_missing_file_or_a_folder_is_named_for_what_it_is(trained, tmp_path):
+  """Issue 20 (unclear errors): both were a CorruptError ("not a readable safetensors file")."""
+  missing = tmp_path / "nope" / "adapter.safetensors"
+  with pytest.raises(FileNotFoundError, match=rf"No adapter file.*{missing}"):
+    load_adapter(missing)
+  folder = export_peft(tmp_path / "peft", trained)
+  with pytest.raises(IsADirectoryError, match=rf"{folder} is a folder, not an adapter file.*load_peft_factors"):
+    load_adapter(folder)

@@ -21,7 +21,7 @@ import pytest
 
 import mos_jax
 from mos_jax.formats import export_peft, load_peft_factors, verify_export
-from oracles.helpers import REPO_ROOT
+from oracles.helpers import REPO_ROOT, folder_entries
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO_ROOT)}
 
@@ -30,7 +30,8 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO_ROOT)}
 def adapter():
   params = {"layers": {str(i): {"q_proj": {"kernel": jnp.ones((16, 16))}, "v_proj": {"kernel": jnp.ones((16, 8))}}
                        for i in range(3)}}
-  a = mos_jax.adapt(params, mos_jax.MoSConfig(rank=2, equivalent_rank=1, shards_per_vector=2))
+  a = mos_jax.adapt(params, mos_jax.MoSConfig(rank=2, equivalent_rank=1, shards_per_vector=2,
+                                              target_modules=["q_proj", "v_proj"]))
   return a.replace(pools=jax.tree_util.tree_map(lambda x: x + 0.5, a.pools))
 
 
@@ -68,9 +69,9 @@ def test_export_replace_killed_between_its_renames_keeps_the_previous_export(tmp
   assert set(after) == set(before)
   for name in before:
     np.testing.assert_array_equal(after[name][0], before[name][0])
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["peft"]  # leftovers of the dead writer removed
+  assert folder_entries(tmp_path) == ["peft"]  # leftovers of the dead writer removed
   assert export_in_subprocess(folder, 1.5, "ok").returncode == 0
-  assert verify_export(folder) and sorted(p.name for p in tmp_path.iterdir()) == ["peft"]
+  assert verify_export(folder) and folder_entries(tmp_path) == ["peft"]
 
 
 def test_the_next_export_also_repairs_an_interrupted_replace(adapter, tmp_path):
@@ -78,7 +79,7 @@ def test_the_next_export_also_repairs_an_interrupted_replace(adapter, tmp_path):
   assert export_in_subprocess(folder, 0.5, "ok").returncode == 0
   assert export_in_subprocess(folder, 1.5, "crash").returncode == 9
   export_peft(folder, adapter)
-  assert verify_export(folder) and sorted(p.name for p in tmp_path.iterdir()) == ["peft"]
+  assert verify_export(folder) and folder_entries(tmp_path) == ["peft"]
 
 
 @pytest.mark.slow
@@ -93,7 +94,7 @@ def test_random_kills_during_export_rewrites_never_lose_the_export(tmp_path):
     proc.kill()
     proc.wait()
     assert verify_export(folder)  # a complete export (old or new) is always there
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["peft"]
+  assert folder_entries(tmp_path) == ["peft"]
 
 
 # --- a full disk -------------------------------------------------------------------------------
@@ -151,7 +152,7 @@ def test_a_full_disk_gives_a_clear_error_and_keeps_every_previous_file(tmp_path)
     assert "is intact" in out[name]
   assert out["checkpoint"] != "no error"
   assert out["adapter_loads"] and out["peft_verifies"]
-  assert out["entries"] == ["a.safetensors", "ckpt", "filler", "peft"]  # no temp leftovers
+  assert out["entries"] == [".peft.lock", "a.safetensors", "ckpt", "filler", "peft"]  # no temp leftovers
   assert out["restored"] == 3 and 1 in out["steps"] and 2 not in out["steps"]
 
 
@@ -167,3 +168,91 @@ def test_temp_files_of_dead_writers_are_removed_and_live_ones_kept(adapter, tmp_
     p.write_bytes(b"partial")
   mos_jax.save_adapter(tmp_path / "a.safetensors", adapter)
   assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.safetensors", live.name, other_host.name])
+
+
+# --- permissions, concurrent writers and readers (issue 20, unclear errors; issue 23.4) ---------------
+
+@pytest.mark.parametrize("umask, folder_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_exports_and_files_get_the_umask_permissions(adapter, tmp_path, umask, folder_mode, file_mode):
+  """Export folders were 0700 (``mkdtemp``) and adapter files 0600 (``mkstemp``), whatever the umask."""
+  import stat
+  previous = os.umask(umask)
+  try:
+    folder = export_peft(tmp_path / "peft", adapter)
+    path = mos_jax.save_adapter(tmp_path / "a.safetensors", adapter)
+    again = export_peft(tmp_path / "peft", adapter)  # a replace, too
+  finally:
+    os.umask(previous)
+  assert stat.S_IMODE(folder.stat().st_mode) == folder_mode and stat.S_IMODE(again.stat().st_mode) == folder_mode
+  assert stat.S_IMODE(path.stat().st_mode) == file_mode
+  assert stat.S_IMODE((folder / "adapter_config.json").stat().st_mode) == file_mode
+
+
+HOLD_EXPORT = textwrap.dedent("""
+    import os, sys, time, jax, jax.numpy as jnp, mos_jax
+    params = {"layers": {str(i): {"q_proj": {"kernel": jnp.ones((16, 16))}} for i in range(3)}}
+    a = mos_jax.adapt(params, mos_jax.MoSConfig(rank=2, equivalent_rank=1, target_modules=["q_proj"]))
+    replace = os.replace
+    def stall(src, dst):  # holds the export (and its lock) just before its renames
+      print("renaming", flush=True)
+      time.sleep(120)
+    os.replace = stall
+    mos_jax.export_peft(sys.argv[1], a)
+""")
+
+
+def test_a_second_export_writer_is_refused_by_name(adapter, tmp_path):
+  """Two processes exporting one folder failed with a raw OSError from their colliding renames."""
+  from mos_jax.formats import LockedError
+  folder = export_peft(tmp_path / "peft", adapter)
+  before, _ = load_peft_factors(folder)
+  proc = subprocess.Popen([sys.executable, "-c", HOLD_EXPORT, str(folder)], stdout=subprocess.PIPE, env=ENV,
+                          cwd=REPO_ROOT)
+  try:
+    assert proc.stdout.readline().strip() == b"renaming"
+    with pytest.raises(LockedError, match=rf"Export folder {folder} is already being written by another process "
+                                          rf"\(host .*, pid {proc.pid}, since .*\)\. Two writers"):
+      export_peft(folder, adapter)
+    after, _ = load_peft_factors(folder)  # readers are never locked out
+    assert after.keys() == before.keys()
+  finally:
+    proc.kill()
+    proc.wait()
+  export_peft(folder, adapter)  # the dead writer's lock went with it; its temp folder is removed
+  assert verify_export(folder) and folder_entries(tmp_path) == ["peft"]
+
+
+EXPORT_LOOP = textwrap.dedent("""
+    import sys, jax, jax.numpy as jnp, mos_jax
+    params = {"layers": {str(i): {"q_proj": {"kernel": jnp.ones((16, 16))}} for i in range(3)}}
+    a = mos_jax.adapt(params, mos_jax.MoSConfig(rank=2, equivalent_rank=1, target_modules=["q_proj"]))
+    versions = [a.replace(pools=jax.tree_util.tree_map(lambda x: x + k, a.pools)) for k in (0.5, 1.5)]
+    print("ready", flush=True)
+    for k in range(int(sys.argv[2])):
+      mos_jax.export_peft(sys.argv[1], versions[k % 2])
+""")
+
+
+def test_a_reader_during_live_exports_sees_one_whole_export_every_time(tmp_path):
+  """A reader of a folder being re-exported got CorruptError (files of two exports mixed) on intact exports."""
+  folder = tmp_path / "peft"
+  params = {"layers": {str(i): {"q_proj": {"kernel": jnp.ones((16, 16))}} for i in range(3)}}
+  a = mos_jax.adapt(params, mos_jax.MoSConfig(rank=2, equivalent_rank=1, target_modules=["q_proj"]))
+  expected = [load_peft_factors(export_peft(tmp_path / f"v{k}", a.replace(pools=jax.tree_util.tree_map(
+      lambda x: x + k, a.pools))))[0] for k in (0.0, 0.5, 1.5)]
+  export_peft(folder, a)
+  proc = subprocess.Popen([sys.executable, "-c", EXPORT_LOOP, str(folder), "300"], stdout=subprocess.PIPE, env=ENV,
+                          cwd=REPO_ROOT)
+  reads = 0
+  try:
+    assert proc.stdout.readline().strip() == b"ready"
+    while proc.poll() is None:
+      assert verify_export(folder)
+      factors, _ = load_peft_factors(folder)
+      assert any(all(np.array_equal(factors[p][0], e[p][0]) and np.array_equal(factors[p][1], e[p][1])
+                       for p in e) for e in expected), "a read mixed two exports"
+      reads += 1
+  finally:
+    proc.kill()
+    proc.wait()
+  assert proc.returncode == 0 and reads >= 20, (proc.returncode, reads)

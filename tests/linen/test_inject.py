@@ -91,8 +91,8 @@ def test_dense_general_attention_adapted_equals_merged():
   with pytest.raises(ValueError, match=r"only 2-D \(d_in, d_out\) kernels"):
     mos_jax.adapt(params, config)  # a (16, 4, 4) kernel is not taken for 16 layers
   layouts = mos_jax.linen.kernel_layouts(lambda p, v: module.apply({"params": p}, v), params, x)
-  assert layouts["layers/0/attn/query"] == mos_jax.core.KernelLayout((0,), (1, 2), "DenseGeneral")
-  assert layouts["layers/0/attn/out"] == mos_jax.core.KernelLayout((0, 1), (2,), "DenseGeneral")
+  assert layouts["layers/0/attn/query"] == mos_jax.core.KernelLayout((0,), (1, 2), "DenseGeneral", shape=(16, 4, 4))
+  assert layouts["layers/0/attn/out"] == mos_jax.core.KernelLayout((0, 1), (2,), "DenseGeneral", shape=(4, 4, 16))
   adapter, adapted, merged, base = _adapted_vs_merged(module, params, x, config, layouts)
   groups = {g.name: (g.kernel_shape, g.d_in, g.d_out, g.num_layers) for g in adapter.groups}
   assert groups == {"layers/*/attn/query": ((16, 4, 4), 16, 16, 2), "layers/*/attn/value": ((16, 4, 4), 16, 16, 2),
@@ -197,15 +197,67 @@ def test_never_called_modules_raise_instead_of_training_nothing():
     mos_jax.adapt(params, config, layouts=layouts)
 
 
-def test_cached_trace_outside_inject_is_caught():
+def test_a_jitted_function_follows_the_injection_state_both_ways():
+  """Issue 20.11: a function jitted inside ``with inject(a)`` kept returning a's output outside the block.
+
+  The injection state is part of jit's cache key: a trace made inside a block is used only there,
+  a trace made outside only outside, and a block of another adapter (same spec, other pools) traces
+  again instead of reusing the first adapter's factors.
+  """
   module, x = CustomModel(), jnp.ones((2, 8))
   params = _params(module, x)
   adapter = mos_jax.adapt(params, mos_jax.MoSConfig(rank=2, equivalent_rank=1, target_modules=("proj",)))
-  forward = jax.jit(lambda p, v: module.apply({"params": p}, v))
-  forward(params, x)  # traced without the adapter
-  with pytest.raises(RuntimeError, match="never reached"):
-    with mos_jax.linen.inject(adapter):
-      forward(params, x)  # the cached trace runs: no adapter, and no silent success
+  a, b = (adapter.replace(pools=random_pools(adapter.pools, seed=s)) for s in (1, 2))
+  base = module.apply({"params": params}, x)
+  merged = {k: module.apply({"params": mos_jax.merge(params, v)}, x) for k, v in (("a", a), ("b", b))}
+  assert min(rel_err(base, m) for m in merged.values()) > 1e-2 and rel_err(merged["a"], merged["b"]) > 1e-2
+
+  inside_first = jax.jit(lambda p, v: module.apply({"params": p}, v))
+  with mos_jax.linen.inject(a):
+    assert rel_err(inside_first(params, x), merged["a"]) < RTOL
+  assert rel_err(inside_first(params, x), base) < RTOL  # the old failure: a's output, outside the block
+  with mos_jax.linen.inject(b):
+    assert rel_err(inside_first(params, x), merged["b"]) < RTOL  # not a's factors from the cached trace
+
+  outside_first = jax.jit(lambda p, v: module.apply({"params": p}, v))
+  assert rel_err(outside_first(params, x), base) < RTOL
+  with mos_jax.linen.inject(a):  # the old failure: the cached base trace ran ("never reached" on exit)
+    assert rel_err(outside_first(params, x), merged["a"]) < RTOL
+  assert rel_err(outside_first(params, x), base) < RTOL
+
+
+class ProjBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return x + nn.Dense(8, name="proj")(x)
+
+
+class ListModel(nn.Module):
+  """Blocks kept in a list attribute: Flax names them ``layers_0``, ``layers_1``, ..."""
+
+  def setup(self):
+    self.layers = [ProjBlock() for _ in range(3)]
+
+  def __call__(self, x):
+    for layer in self.layers:
+      x = layer(x)
+    return x
+
+
+def test_blocks_in_a_flax_list_share_one_pool():
+  """Issue 20.9: ``layers_0..N`` were taken for N module types, each with its own pools: nothing shared."""
+  module, x = ListModel(), jnp.ones((2, 8))
+  params = _params(module, x)
+  assert sorted(params) == ["layers_0", "layers_1", "layers_2"]
+  adapter = mos_jax.adapt(params, mos_jax.MoSConfig(rank=2, equivalent_rank=1, shards_per_vector=2,
+                                                    target_modules=("proj",)))
+  (g,) = adapter.groups
+  assert (g.name, g.num_layers, g.paths) == ("layers_*/proj", 3, ("layers_0/proj", "layers_1/proj", "layers_2/proj"))
+  assert adapter.pools["layers_*/proj"]["A"].shape == (1 * 3 * 2, 4)  # N = r_e·L·l shards shared by the 3 layers
+  adapter = adapter.replace(pools=random_pools(adapter.pools, seed=4))
+  with mos_jax.linen.inject(adapter):
+    adapted = module.apply({"params": params}, x)
+  assert rel_err(adapted, module.apply({"params": mos_jax.merge(params, adapter)}, x)) < RTOL
 
 
 class JittedBlock(nn.Module):

@@ -111,6 +111,27 @@ def test_scanned_equals_unrolled_outputs_and_pool_gradients(axis):
       assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (g.name, f)
 
 
+def test_wrong_stack_declarations_are_refused_at_adapt():
+  """Issue 20 (unclear errors): a wrong layer_axis or stacked_modules failed later, in the scan, not at adapt."""
+  x = jnp.ones((1, 2, 16))
+  model = Scanned(0)
+  params = model.init(jax.random.key(1), x)["params"]
+  layouts = mos_jax.linen.kernel_layouts(lambda p, v: model.apply({"params": p}, v), params, x)
+  config = mos_jax.MoSConfig(rank=2, equivalent_rank=1, target_modules=["q"], stacked_modules=["q"])
+  (g,) = mos_jax.adapt(params, config, layouts=layouts).groups
+  assert (g.num_layers, g.layer_axis, g.kernel_shape) == (L, 0, (16, 16))
+  with pytest.raises(ValueError, match=r"declared stacked with layer_axis=1, leaving \(4, 16\) per layer, but its "
+                                       r"module applies a \(16, 16\) kernel: its layer axis is 0, set layer_axis=0"):
+    mos_jax.adapt(params, dataclasses.replace(config, layer_axis=1), layouts=layouts)
+  with pytest.raises(ValueError, match=r"'layers/q' \(4, 16, 16\) has one more axis than its module applies "
+                                       r"\(\(16, 16\)\): it is a stack of layers.*stacked_modules and layer_axis=0"):
+    mos_jax.adapt(params, dataclasses.replace(config, stacked_modules=None), layouts=layouts)
+  # Siblings of one scan must agree on the layer count: a wrong axis shows without the model, too.
+  with pytest.raises(ValueError, match=r"under 'layers' run in one scan.*Along axis 0 they agree: set layer_axis=0"):
+    mos_jax.adapt(params, mos_jax.MoSConfig(rank=2, equivalent_rank=1, target_modules=NAMES, stacked_modules=NAMES,
+                                            layer_axis=1))
+
+
 def test_scanned_model_trains_with_make_train_step():
   x = jax.random.normal(jax.random.key(0), (4, 3, 16))
   model = Scanned(0)

@@ -92,9 +92,14 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def folder_entries(folder):
+  """A folder's entries but mos_jax's documented writer lock files (``.writer.lock``, ``.<export>.lock``), sorted."""
+  return sorted(p.name for p in Path(folder).iterdir() if not (p.name.startswith(".") and p.name.endswith(".lock")))
+
+
 def checkpoint_entries(folder):
   """A checkpoint folder's entries but the writer's lock file (``.writer.lock``, documented), sorted."""
-  return sorted(p.name for p in Path(folder).iterdir() if p.name != ".writer.lock")
+  return folder_entries(folder)
 
 
 #: Files written by mos_jax at commit 7eb9147, before the ``_src`` restructure renamed ``Routing`` to

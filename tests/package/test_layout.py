@@ -20,7 +20,7 @@ ALLOWED = {
     "errors": set(),
     "io": {"errors"},
     "core": {"errors"},
-    "train": {"errors", "core"},
+    "train": {"errors", "io", "core"},
     "formats": {"errors", "io", "core"},
     "parallel": {"errors", "core"},
     "linen": {"errors", "io", "core", "train"},

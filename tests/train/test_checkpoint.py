@@ -1,5 +1,6 @@
 """Orbax training checkpoints (TrainCheckpointer): round trips, retention, resharding, identity, corruption, crashes."""
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -137,6 +138,42 @@ def test_refuses_another_seed_config_or_model(tiny_llama, llama_adapter, tmp_pat
          "this run has [[64, 64], 'float32']" in message
   # Refusals never move or delete the (good) checkpoint.
   assert checkpoint_entries(tmp_path) == ["1"]
+
+
+@pytest.mark.parametrize("change", [{"seed": 1}, {"alpha": 32.0}, {"rank": 2}, {"pair_dissociation": False}],
+                         ids=["seed", "alpha", "rank", "strategy"])
+def test_an_adapter_of_another_spec_is_refused_whatever_identity_the_caller_passed(tiny_llama, tmp_path, change):
+  """The identity of every Adapter in the state is the checkpointer's own business (issue 20, item 7).
+
+  The other adapter's pools have the same shapes, so without it the saved pools would be paired silently
+  with another routing (or scale) when the caller's identity says nothing about the adapter.
+  """
+  saved = adapt(tiny_llama.params, MOS)
+  other = adapt(tiny_llama.params, dataclasses.replace(MOS, **change))
+  assert jax.tree_util.tree_map(jnp.shape, other.pools) == jax.tree_util.tree_map(jnp.shape, saved.pools)
+  state = {"adapter": saved.replace(pools=random_pools(saved.pools)), "step": jnp.asarray(1)}
+  with TrainCheckpointer(tmp_path, identity={}) as ckpt:
+    ckpt.save(1, state, force=True)
+  with TrainCheckpointer(tmp_path, identity={}, read_only=True) as ckpt:  # the writer's (empty) identity
+    with pytest.raises(MismatchError) as err:
+      ckpt.restore({**state, "adapter": other})
+    (field, value), = change.items()
+    saved_value = getattr(MOS, field)
+    assert f"adapters.adapter.mos_config.{field}: the checkpoint has {saved_value!r}, this run has {value!r}" \
+        in str(err.value)
+    assert_trees_equal(ckpt.restore(state).state, state)  # the same adapter restores
+  assert checkpoint_entries(tmp_path) == ["1"]
+
+
+def test_adapters_are_found_anywhere_in_the_state(tiny_llama, tmp_path):
+  saved = adapt(tiny_llama.params, MOS)
+  other = adapt(tiny_llama.params, dataclasses.replace(MOS, seed=2))
+  state = {"trainable": {"adapter": saved, "head": jnp.ones(3)}, "opt_state": optax.adam(1e-3).init(saved)}
+  with TrainCheckpointer(tmp_path, identity={}) as ckpt:
+    ckpt.save(1, state, force=True)
+    ckpt.wait()
+    with pytest.raises(MismatchError, match=r"adapters\[trainable/adapter\]\.mos_config\.seed"):
+      ckpt.restore({**state, "trainable": {"adapter": other, "head": jnp.ones(3)}})
 
 
 def _delete_arrays(step_dir):

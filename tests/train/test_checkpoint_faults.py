@@ -8,6 +8,8 @@ marked slow. Atomic file writes (adapter files, exports) under kills and full di
 tests/io/test_atomic_writes.py.
 """
 
+import hashlib
+import json
 import os
 import random
 import shutil
@@ -112,6 +114,48 @@ def test_a_different_run_is_still_a_mismatch(pristine, tmp_path):
     assert ckpt.all_steps() == [1, 2]  # nothing set aside
 
 
+def rewrite_meta(path, step, change):
+  """Edits step ``step``'s metadata as a writer would: ``change(meta)``, then its checksum recomputed."""
+  meta_file = path / str(step) / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  change(meta)
+  body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+  meta["meta_sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+  meta_file.write_text(json.dumps(meta))
+
+
+def test_a_step_of_a_newer_format_is_refused_and_never_set_aside(pristine, tmp_path):
+  """Issue 20.14: a step written by a newer mos_jax was taken for damage and moved to corrupt/."""
+  path = copy_of(pristine, tmp_path)
+  rewrite_meta(path, 2, lambda meta: meta.update(format="mos_jax.train_checkpoint/9", new_field={"x": 1}))
+  with TrainCheckpointer(path, identity=IDENTITY) as ckpt:
+    with pytest.raises(MismatchError, match=r"Checkpoint step 2 was written by a newer mos_jax \(format "
+                                            r"'mos_jax.train_checkpoint/9'.*Upgrade mos_jax"):
+      ckpt.restore(LIKE)
+    assert ckpt.all_steps() == [1, 2]
+  assert not (path / QUARANTINE).exists() and (path / "2" / "meta" / "metadata").exists()
+  # A newer format whose checksum fails is damage (e.g. a flipped bit turning "/3" into "/4"): set aside as before.
+  path = copy_of(pristine, tmp_path / "flip")
+  edit_meta(path, 2, lambda b: b.replace(b"train_checkpoint/3", b"train_checkpoint/4"))
+  assert_state(restore(path), 1)
+  assert [p.name.split("-")[0] for p in (path / QUARANTINE).iterdir()] == ["2"]
+
+
+def test_numpy_integer_steps_are_saved_as_plain_integers(tmp_path):
+  """Issue 20 (unclear errors): a NumPy int64 step failed deep in Orbax with "not JSON serializable"."""
+  path = tmp_path / "ckpt"
+  with TrainCheckpointer(path, identity=IDENTITY, keep=None) as ckpt:
+    for step in (np.int64(1), np.int32(2), jnp.asarray(3)):
+      assert ckpt.save(step, state_at(int(step)), data_state={"position": int(step)}, force=True)
+    ckpt.wait()
+    assert ckpt.all_steps() == [1, 2, 3]
+    assert_state(ckpt.restore(LIKE, step=np.int64(2)), 2)
+    for bad in (1.5, "4", True):
+      with pytest.raises(TypeError, match="A checkpoint step must be an integer"):
+        ckpt.save(bad, state_at(4), force=True)
+  assert json.loads((path / "3" / "meta" / "metadata").read_text())["step"] == 3
+
+
 # --- checkpoint arrays -----------------------------------------------------------------------
 
 def test_every_truncated_or_flipped_checkpoint_file_restores_an_intact_step(pristine, tmp_path):
@@ -187,6 +231,22 @@ def test_a_second_writer_is_refused_and_a_reader_is_not(tmp_path):
         reader.save(2, state_at(2))
     first.save(2, state_at(2), data_state={"position": 2})
   assert_state(restore(path), 2)  # the lock was released on close
+
+
+def test_a_deleted_lock_file_is_caught_at_the_next_save(tmp_path):
+  """Issue 20.15: deleting .writer.lock while it was held let a second writer in beside the first."""
+  path = tmp_path / "ckpt"
+  with TrainCheckpointer(path, identity=IDENTITY) as first:
+    first.save(1, state_at(1), data_state={"position": 1}, force=True)
+    first.wait()
+    (path / ".writer.lock").unlink()
+    second = TrainCheckpointer(path, identity=IDENTITY)  # a fresh lock file: nothing tells it the first exists
+    with pytest.raises(CheckpointLockedError, match=r"lock file .*\.writer\.lock was deleted or replaced while this "
+                                                    r"process held it.*only one process"):
+      first.save(2, state_at(2), data_state={"position": 2}, force=True)
+    second.save(2, state_at(2), data_state={"position": 2}, force=True)
+    second.close()
+  assert_state(restore(path), 2)  # only the second writer's step 2 was written
 
 
 HOLD_SCRIPT = textwrap.dedent("""

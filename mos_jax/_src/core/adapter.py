@@ -31,7 +31,7 @@ class Adapter:
   Example:
     >>> import jax, jax.numpy as jnp
     >>> params = {"layers": {str(i): {"q_proj": {"kernel": jnp.zeros((8, 4))}} for i in range(2)}}
-    >>> adapter = adapt(params, MoSConfig(rank=2, equivalent_rank=1))
+    >>> adapter = adapt(params, MoSConfig(rank=2, equivalent_rank=1, target_modules=["q_proj"]))
     >>> [x.shape for x in jax.tree_util.tree_leaves(adapter)]
     [(2, 8), (2, 4)]
   """
@@ -94,7 +94,7 @@ def adapt(params: Any, config: MoSConfig, *, layouts: Mapping[str, KernelLayout]
   Example:
     >>> import jax.numpy as jnp
     >>> params = {"layers": {str(i): {"q_proj": {"kernel": jnp.zeros((8, 4))}} for i in range(4)}}
-    >>> adapter = adapt(params, MoSConfig(rank=4, equivalent_rank=1, shards_per_vector=2))
+    >>> adapter = adapt(params, MoSConfig(rank=4, equivalent_rank=1, shards_per_vector=2, target_modules=["q_proj"]))
     >>> adapter.pools["layers/*/q_proj"]["A"].shape
     (8, 4)
   """

@@ -25,12 +25,14 @@ def gather_factors(p_a: jax.Array, p_b: jax.Array, index_a: np.ndarray, index_b:
   """One gather per pool: ``A: (..., r, d_in)`` and ``B: (..., d_out, r)`` for index arrays ``(..., r·l)``.
 
   Rank vector ``j`` of ``A`` is the concatenation of shards ``index[j·l] ... index[j·l + l - 1]``
-  (spec §5); ``index`` may hold one layer's ids or a stack of layers'.
+  (docs/method.md §5); ``index`` may hold one layer's ids or a stack of layers'. The ids must come
+  from an :class:`~mos_jax.AdapterSpec`, which checked them against the pools when it was made.
   """
   lead = index_a.shape[:-1]
-  # mode="clip": indices are valid by construction; avoids the NaN-fill select.
-  a = jnp.take(p_a, index_a.reshape(-1), axis=0, mode="clip").reshape(*lead, rank, group.d_in)
-  b = jnp.take(p_b, index_b.reshape(-1), axis=0, mode="clip").reshape(*lead, rank, group.d_out)
+  # AdapterSpec checks every id against its pool when it is made, so the gather needs neither a clamp
+  # (which would read the wrong shard) nor the NaN-fill select of an out-of-range id.
+  a = p_a.at[index_a.reshape(-1)].get(mode="promise_in_bounds").reshape(*lead, rank, group.d_in)
+  b = p_b.at[index_b.reshape(-1)].get(mode="promise_in_bounds").reshape(*lead, rank, group.d_out)
   return a, jnp.swapaxes(b, -1, -2)
 
 

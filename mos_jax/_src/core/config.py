@@ -53,7 +53,8 @@ def _as_bool(value: Any, field: str) -> bool:
 
 def _as_dtype_name(value: Any) -> str:
   try:
-    name = np.dtype(value).name  # "float32", np.float32, np.dtype, jnp.bfloat16 alike
+    # "float32", np.float32, np.dtype, jnp.bfloat16 alike; never None, which NumPy reads as float64.
+    name = None if value is None else np.dtype(value).name
   except TypeError:
     name = None
   if name not in _POOL_DTYPES:
@@ -70,6 +71,13 @@ def _as_patterns(value: str | Sequence[str] | None, field: str) -> str | tuple[s
       except re.error as e:
         raise ValueError(f"MoSConfig.{field}={value!r} is not a valid regex: {e}") from e
     return value
+  if isinstance(value, (set, frozenset)):
+    # A set (PEFT's LoraConfig stores target_modules as one) iterates in hash order, which changes from
+    # process to process: sorted, the config, its identity and every checkpoint of it are the same everywhere.
+    if not all(isinstance(v, str) for v in value):
+      raise ValueError(f"MoSConfig.{field} must be a regex string or a list of non-empty "
+                       f"module names / path suffixes, got {value!r}")
+    value = sorted(value)
   value = tuple(value)
   if not all(isinstance(v, str) and v for v in value):
     raise ValueError(f"MoSConfig.{field} must be a regex string or a list of non-empty "
@@ -92,6 +100,9 @@ class MoSConfig:
     target_modules: list of module names or "/"-path suffixes
       (``"q_proj"``, ``"attention/output/dense"``), or one regex matched with
       ``fullmatch`` against "/"-joined module paths (``"model/layers/0/mlp/up_proj"``).
+      A set (as PEFT's ``LoraConfig`` stores it) is stored sorted, so the config is
+      the same in every process. Each listed name must match a kernel of the model
+      (``adapt`` raises naming the ones that match nothing).
     exclude_modules: same forms as ``target_modules``; matches are dropped.
     stacked_modules: same forms; matched kernels are stacks of layers (from
       ``nn.scan``/``nnx.scan``), one layer per index of axis ``layer_axis``.
@@ -106,7 +117,9 @@ class MoSConfig:
     vector_sharding: use ``shards_per_vector`` (else ``l = 1``).
     shard_privatization: use ``private_rank`` (else ``r_p = 0``).
     pool_dtype: dtype of the trainable pools (float32 even with a bf16 base);
-      a name, NumPy dtype or JAX dtype, stored as its name.
+      a name, NumPy dtype or JAX dtype, stored as its name (never ``None``).
+      ``"float64"`` pools need JAX's 64-bit mode (``jax_enable_x64``): without
+      it, creating or loading them raises instead of silently making float32.
 
   Every field is validated and normalised at construction: NumPy integers,
   floats, booleans and dtypes become Python values (so the config is always

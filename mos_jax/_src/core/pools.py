@@ -22,6 +22,18 @@ def pool_shapes(config: MoSConfig, groups: Sequence[Group]) -> dict[str, dict[st
                    "B": (config.equivalent_rank * g.num_layers * l, g.d_out // l)} for g in groups}
 
 
+def require_dtype(pool_dtype: str, what: str) -> None:
+  """Raises ``ValueError`` if JAX cannot hold pools of ``pool_dtype`` (float64 without 64-bit mode).
+
+  Without ``jax_enable_x64`` JAX turns every float64 array into float32 without a word, so a
+  float64 adapter would train, save and resume in float32 while its config says float64.
+  """
+  if jnp.dtype(pool_dtype).itemsize == 8 and not jax.config.read("jax_enable_x64"):
+    raise ValueError(f"{what}: pool_dtype={pool_dtype!r} needs JAX's 64-bit mode, which is off, so JAX would "
+                     "silently make the pools float32. Call jax.config.update('jax_enable_x64', True) at start-up "
+                     "(before any array is created), or use pool_dtype='float32'.")
+
+
 def init_pools(spec: AdapterSpec) -> Pools:
   """Initialises the pools as the authors do.
 
@@ -34,10 +46,14 @@ def init_pools(spec: AdapterSpec) -> Pools:
   Returns:
     ``{group name: {"A": P_A, "B": P_B}}``.
 
+  Raises:
+    ValueError: ``pool_dtype`` is float64 and JAX's 64-bit mode is off.
+
   Example:
     >>> pools = init_pools(spec)  # doctest: +SKIP
   """
   config = spec.config
+  require_dtype(config.pool_dtype, "init_pools")
   dtype = jnp.dtype(config.pool_dtype)
   shapes = pool_shapes(config, spec.groups)
   root = jax.random.key(config.seed)

@@ -41,6 +41,14 @@ class AdapterSpec:
   index_b: Mapping[str, np.ndarray]
   version: str = ROUTING_VERSION
 
+  def __post_init__(self):
+    # Checked once, here, however the spec was made (drawn, read from a file, built by hand): every
+    # gather then trusts the ids, so an id outside its pool can never be clipped onto another shard.
+    object.__setattr__(self, "groups", tuple(self.groups))
+    check_indices(self)
+    for name in ("index_a", "index_b"):
+      object.__setattr__(self, name, {g.name: _frozen(getattr(self, name)[g.name]) for g in self.groups})
+
   @functools.cached_property
   def digest(self) -> str:
     """SHA-256 over every group's name and index arrays (dtype, shape and values)."""
@@ -59,6 +67,16 @@ class AdapterSpec:
 
   def __hash__(self) -> int:
     return hash(self._key())
+
+
+def _frozen(index: np.ndarray) -> np.ndarray:
+  """``index`` as a read-only int32 array (no copy when it already is one)."""
+  index = np.asarray(index)
+  if index.dtype == np.int32 and not index.flags.writeable:
+    return index
+  index = index.astype(np.int32)  # a copy: the caller's array may change, the spec's never does
+  index.setflags(write=False)
+  return index
 
 
 def check_group(config: MoSConfig, group: Group) -> None:
@@ -83,8 +101,8 @@ def check_group(config: MoSConfig, group: Group) -> None:
 def check_indices(spec: AdapterSpec) -> None:
   """Raises ``ValueError`` unless every index array is ``(L, r·l)`` integers within its pool.
 
-  Drawn routings satisfy this by construction; routings read from files are
-  checked, so an edited file fails here and not as a clipped gather.
+  Run by :class:`AdapterSpec` itself, so a spec built by hand or read from an
+  edited file fails when it is made, never as a gather of the wrong shards.
   """
   c = spec.config
   r, l = c.rank, c.effective_shards_per_vector
@@ -98,9 +116,13 @@ def check_indices(spec: AdapterSpec) -> None:
       if idx.shape != (g.num_layers, r * l) or not np.issubdtype(idx.dtype, np.integer):
         raise ValueError(f"AdapterSpec {name}[{g.name!r}] is {idx.dtype}{idx.shape}, expected integers of shape "
                          f"(L, r·l) = ({g.num_layers}, {r * l}).")
-      if idx.size and (idx.min() < 0 or idx.max() >= shards):
-        raise ValueError(f"AdapterSpec {name}[{g.name!r}] holds shard ids in [{idx.min()}, {idx.max()}], outside "
-                         f"the pool's [0, {shards}).")
+      bad = np.argwhere((idx < 0) | (idx >= shards))
+      if bad.size:
+        shown = ", ".join(f"layer {i} position {j}: {idx[i, j]}" for i, j in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        raise ValueError(
+            f"AdapterSpec {name}[{g.name!r}] holds {len(bad)} shard id(s) outside the pool's [0, {shards}) "
+            f"(N = r_e·L·l = {c.equivalent_rank}·{g.num_layers}·{l}): {shown}. Draw routings with "
+            "mos_jax.core.make_spec, or keep every id below N.")
 
 
 def _group_rng(seed: int, name: str) -> np.random.Generator:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import warnings
@@ -18,8 +19,8 @@ from mos_jax._src.core.adapter import Adapter, count_params
 from mos_jax._src.core.config import MoSConfig
 from mos_jax._src.core.hashing import canonical_json, sha256_arrays
 from mos_jax._src.core.identity import as_json, groups_from_identity, groups_identity
-from mos_jax._src.core.pools import check_pools
-from mos_jax._src.core.routing import AdapterSpec, check_indices
+from mos_jax._src.core.pools import check_pools, require_dtype
+from mos_jax._src.core.routing import AdapterSpec
 from mos_jax._src.core.targets import check_params
 from mos_jax._src.errors import CorruptError
 from mos_jax._src.io.files import atomic_file
@@ -123,13 +124,22 @@ def load_adapter(path: str | Path, *, params: Any = None) -> Adapter:
     The :class:`~mos_jax.Adapter` with the stored pools and routing.
 
   Raises:
+    FileNotFoundError: no file at ``path``.
+    IsADirectoryError: ``path`` is a folder (a PEFT export or a checkpoint, not an adapter file).
     CorruptError: the file is not a MoS adapter, or its header or tensors were
       altered (checksum), or its contents do not fit together.
     MismatchError: ``params`` is another model than the adapter's (the message lists the differences).
+    ValueError: the adapter's pools are float64 and JAX's 64-bit mode is off.
 
   Example:
     >>> adapter = load_adapter("run/adapter.mos.safetensors", params=model.params)  # doctest: +SKIP
   """
+  if Path(path).is_dir():
+    raise IsADirectoryError(errno.EISDIR, f"{path} is a folder, not an adapter file: load_adapter reads the one "
+                            "file save_adapter wrote (a PEFT export folder is read with "
+                            "mos_jax.formats.load_peft_factors, a checkpoint with TrainCheckpointer)", str(path))
+  if not Path(path).exists():
+    raise FileNotFoundError(errno.ENOENT, "No adapter file (check the path, or save_adapter it first)", str(path))
   try:
     with safe_open(str(path), framework="numpy") as f:
       meta = f.metadata() or {}
@@ -150,13 +160,14 @@ def load_adapter(path: str | Path, *, params: Any = None) -> Adapter:
       for index in table.values():
         index.setflags(write=False)
     spec = AdapterSpec(config=config, groups=groups, index_a=index_a, index_b=index_b,
-                      version=header["routing_version"])
-    check_indices(spec)
-    pools = {g.name: {f: jnp.asarray(tensors[f"pools/{g.name}/{f}"]) for f in ("A", "B")} for g in groups}
-    check_pools(pools, spec)
+                      version=header["routing_version"])  # checks the shard ids against the pools
+    arrays = {g.name: {f: tensors[f"pools/{g.name}/{f}"] for f in ("A", "B")} for g in groups}
+    check_pools(arrays, spec)
   except (KeyError, TypeError, ValueError) as e:
     # The checksum held, so the file was written like this: by another tool or edited by hand.
     raise CorruptError(f"{path}: the adapter's contents do not fit together ({e}).") from e
+  require_dtype(config.pool_dtype, f"Adapter {path}")
+  pools = {name: {f: jnp.asarray(x) for f, x in entry.items()} for name, entry in arrays.items()}
   if params is not None:
     check_params(params, config, groups, what=f"Adapter {path}")
   base = count_params(params) if params is not None else int(header.get("base_params", 0))

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import numpy as np
-from safetensors import safe_open
+import safetensors.numpy
 from safetensors.numpy import save_file
 
 from mos_jax._src.core.adapter import Adapter
 from mos_jax._src.core.assemble import layer_factors
 from mos_jax._src.errors import CorruptError
-from mos_jax._src.io.files import atomic_dir, recover, verify_manifest, write_manifest
+from mos_jax._src.io.files import atomic_dir, read_verified, recover, write_manifest
 
 #: PEFT's key prefix: ``PeftModel.base_model`` (a ``LoraModel``) wraps the model as ``.model``.
 PEFT_PREFIX = "base_model.model."
@@ -41,7 +43,18 @@ def _rule(names: Sequence[NameRule], path: str) -> tuple[re.Match, tuple[str, ..
 def _torch_modules(adapter: Adapter, names: Sequence[NameRule] | None,
                    ) -> dict[str, tuple[jax.Array, jax.Array]]:
   per_layer = layer_factors(adapter)
-  out = {}
+  out: dict[str, tuple[jax.Array, jax.Array]] = {}
+  source: dict[str, str] = {}  # PEFT name -> the module (and layer) it came from
+
+  def put(name: str, origin: str, a: jax.Array, b: jax.Array) -> None:
+    if name in source:
+      raise ValueError(
+          f"PEFT naming maps two modules to one PEFT module {name!r}: {source[name]} and {origin}. One would "
+          "overwrite the other in the export. Make each rule give every module (and layer) its own name: keep the "
+          "layer index in it (a regex group such as r'layers/(\\d+)/...' -> r'model.layers.\\1...', or '{layer}' "
+          "for a stacked kernel).")
+    source[name], out[name] = origin, (a, b)
+
   for g in adapter.groups:
     for path in g.paths:
       a, b = per_layer[path]
@@ -51,9 +64,12 @@ def _torch_modules(adapter: Adapter, names: Sequence[NameRule] | None,
               f"Group {g.name!r} is {'a stacked' if g.stacked else 'a multi-dim or (out, in)'} kernel {g.full_shape}: name "
               "its PyTorch modules with names=[(regex, (torch names...))] (e.g. mos_jax.nnx.PEFT_NAMES['gemma3']; "
               "'{layer}' stands for a stacked kernel's layer index).")
-        out[path.replace("/", ".")] = (a, b)
+        put(path.replace("/", "."), repr(path), a, b)
         continue
       match, targets = _rule(names, path)
+      if not g.stacked and any("{layer}" in t for t in targets):
+        raise ValueError(f"{path!r} is not a stacked kernel, so its rule's '{{layer}}' in {targets} has no layer "
+                         "to stand for: take the layer index from the path with a regex group (\\1).")
       layers = range(g.num_layers) if g.stacked else [None]
       for layer in layers:
         a_i, b_i = (a, b) if layer is None else (a[layer], b[layer])
@@ -66,7 +82,9 @@ def _torch_modules(adapter: Adapter, names: Sequence[NameRule] | None,
             if "{layer}" not in target:
               raise ValueError(f"{path!r} is a stacked kernel: its PEFT name {target!r} needs '{{layer}}'.")
             name = name.replace("{layer}", str(layer))
-          out[name] = (a_i, b_i[k * rows:(k + 1) * rows])
+          origin = repr(path) + (f" layer {layer}" if layer is not None else "") + \
+              (f" (rows {k * rows}:{(k + 1) * rows})" if len(targets) > 1 else "")
+          put(name, origin, a_i, b_i[k * rows:(k + 1) * rows])
   return out
 
 
@@ -130,7 +148,8 @@ def verify_export(folder: str | Path) -> bool:
 
   First repairs an interrupted replace (the previous export comes back, dead
   writers' temp folders go), then checks every file against the folder's
-  manifest of sizes and SHA-256s.
+  manifest of sizes and SHA-256s, as one snapshot: an export replaced while it
+  is read is read again, never judged half old, half new.
 
   Args:
     folder: the export folder.
@@ -147,49 +166,216 @@ def verify_export(folder: str | Path) -> bool:
     >>> verify_export("out/peft")  # doctest: +SKIP
     True
   """
-  folder = Path(folder)
+  return _read_export(Path(folder))[0]
+
+
+def _read_export(folder: Path, keep: Sequence[str] = ()) -> tuple[bool, dict[str, bytes]]:
   try:
     recover(folder)
   except OSError:  # a read-only location: nothing to repair from here
     pass
-  if not folder.is_dir():
-    raise FileNotFoundError(f"No export folder {folder}.")
-  return verify_manifest(folder)
+  return read_verified(folder, keep)
+
+
+class PeftModule(NamedTuple):
+  """One LoRA module of a PEFT folder, as :func:`load_peft` returns it.
+
+  Attributes:
+    a: ``lora_A.weight``, ``(r, d_in)``.
+    b: ``lora_B.weight``, ``(d_out, r)``.
+    scale: PEFT's scaling of this module: ``alpha / r``, or ``alpha / sqrt(r)``
+      with ``use_rslora`` (``r`` and ``alpha`` after ``rank_pattern`` and
+      ``alpha_pattern``), so ``ΔW = scale · B A`` in PyTorch's ``(out, in)`` layout.
+  """
+
+  a: np.ndarray
+  b: np.ndarray
+  scale: float
+
+
+#: LoraConfig options that change what a module computes beyond ``scale · B A`` (or need weights a LoRA
+#: factor pair does not hold); a folder that sets any of them is refused by name.
+_REFUSED = {
+    "use_dora": "DoRA rescales each output column by a learned magnitude, which lora_A/lora_B do not hold",
+    "modules_to_save": "the folder holds full copies of these modules' weights, not low-rank factors",
+    "trainable_token_indices": "the folder holds trained embedding rows, not low-rank factors",
+    "lora_bias": "lora_B carries a bias",
+    "use_qalora": "QA-LoRA pools the input in groups before lora_A",
+    "alora_invocation_tokens": "activated LoRA applies only after its invocation tokens",
+    "layer_replication": "the model's layers are duplicated before the adapters apply",
+    "target_parameters": "LoRA on nn.Parameter tensors (e.g. MoE experts), not on modules",
+    "megatron_config": "Megatron-parallel layers split the factors",
+    "use_bdlora": "block-diagonal LoRA",
+    "velora_config": "VeLoRA changes the forward",
+    "monteclora_config": "MonteCLoRA samples the factors",
+    "arrow_config": "Arrow routes between several LoRA experts",
+    "kasa_config": "KaSA adds a singular-value term",
+}
+#: Options that only select modules, describe the run or set up training; read and ignored.
+_IGNORED = {
+    "peft_type", "task_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
+    "exclude_modules", "layers_to_transform", "layers_pattern", "lora_dropout", "fan_in_fan_out", "bias",
+    "init_lora_weights", "inference_mode", "base_model_name_or_path", "revision", "auto_mapping", "peft_version",
+    "megatron_core", "qalora_group_size", "ensure_weight_tying", "runtime_config", "eva_config", "loftq_config",
+    "corda_config", "lora_ga_config",
+}
+#: ``init_lora_weights`` values that move the base weights (the adapter applies to a changed model).
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+  """PEFT's ``get_pattern_key``: the first pattern that fullmatches the module name or a dotted suffix of it."""
+  for key, value in patterns.items():
+    if re.match(rf"(.*\.)?({key})$", module):
+      return value
+  return default
+
+
+def _check_peft_config(config: Any, where: Path) -> None:
+  """Raises ``ValueError`` naming every option of ``adapter_config.json`` that LoRA factors cannot express."""
+  if not isinstance(config, dict):
+    raise CorruptError(f"{where} is not a JSON object.")
+  if config.get("peft_type") != "LORA":
+    raise ValueError(f"{where}: peft_type is {config.get('peft_type')!r}; only LORA adapters hold LoRA factors "
+                     "(lora_A, lora_B) that mos_jax reads.")
+  problems = [f"{k}={config[k]!r} ({why})" for k, why in _REFUSED.items() if config.get(k)]
+  if config.get("bias", "none") != "none":
+    problems.append(f"bias={config['bias']!r} (the folder holds trained biases of the base modules)")
+  init = config.get("init_lora_weights")
+  if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+    problems.append(f"init_lora_weights={init!r} (the factors apply to base weights that this initialisation "
+                    "changed; save the adapter converted with path_initial_model_for_weight_conversion)")
+  problems += [f"{k}={config[k]!r} (an option this version does not know; it may change the forward)"
+               for k in sorted(set(config) - set(_REFUSED) - _IGNORED) if config[k]]
+  if problems:
+    raise ValueError(f"{where} sets " + "; ".join(problems) + ". mos_jax reads plain LoRA (per-module rank and "
+                     "alpha, rsLoRA) only: export the adapter without these options, or merge it in PyTorch.")
+
+
+def _refused_key(key: str) -> str | None:
+  """Why a tensor key of a PEFT LoRA file is not a LoRA factor, or ``None`` for ``lora_A/B.weight``."""
+  if key.endswith((".lora_A.weight", ".lora_B.weight")):
+    return None
+  if ".lora_embedding_A" in key or ".lora_embedding_B" in key:
+    return "LoRA on an embedding (lora_embedding_A/B): its factors index token ids, they are no linear map of an input"
+  if ".lora_magnitude_vector" in key:
+    return "a DoRA magnitude vector"
+  if key.endswith(".lora_B.bias"):
+    return "a lora_B bias (lora_bias=True)"
+  return "not a LoRA factor (a module saved whole, e.g. modules_to_save, or another adapter type)"
+
+
+def load_peft(folder: str | Path, *, prefix: str = PEFT_PREFIX) -> dict[str, PeftModule]:
+  """Reads a PEFT LoRA folder (written by :func:`export_peft` or by PyTorch PEFT), module by module.
+
+  What PEFT's ``LoraConfig`` can say about the factors is applied: per-module
+  rank and alpha (``rank_pattern``, ``alpha_pattern``, matched as PEFT matches
+  them) and rsLoRA's ``alpha / sqrt(r)`` scaling. Options whose effect a pair of
+  LoRA factors cannot carry are refused by name: DoRA, ``modules_to_save``,
+  LoRA on embeddings (``lora_embedding_A/B``), ``lora_bias``, trained biases,
+  initialisations that change the base weights (PiSSA, OLoRA, LoftQ, ...) and
+  options this version does not know. The folder is read as one snapshot and
+  checked against its manifest when it has one (exports of :func:`export_peft`).
+
+  Args:
+    folder: the PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+    prefix: the key prefix to strip (PEFT's is ``"base_model.model."``).
+
+  Returns:
+    ``{flax module path ("/" for "."): PeftModule(a, b, scale)}``.
+
+  Raises:
+    FileNotFoundError: no such folder, or it lacks ``adapter_config.json`` or
+      ``adapter_model.safetensors``.
+    ValueError: an option or a tensor that LoRA factors cannot express (named),
+      or keys without ``prefix``.
+    CorruptError: files differ from the folder's manifest, cannot be read, or
+      do not fit together (a factor missing, a rank other than the config's).
+
+  Example:
+    >>> modules = load_peft("out/peft")  # doctest: +SKIP
+    >>> m = modules["model/layers/0/self_attn/q_proj"]  # doctest: +SKIP
+    >>> dw = m.scale * m.b @ m.a  # doctest: +SKIP
+  """
+  folder = Path(folder)
+  _, files = _read_export(folder, (PEFT_CONFIG, PEFT_WEIGHTS))
+  for name in (PEFT_CONFIG, PEFT_WEIGHTS):
+    if name not in files:
+      other = " (adapter_model.bin is PyTorch's pickle format: save with safe_serialization=True)" \
+          if name == PEFT_WEIGHTS and (folder / "adapter_model.bin").exists() else ""
+      raise FileNotFoundError(errno.ENOENT, f"Not a PEFT adapter folder: no {name}{other}", str(folder / name))
+  try:
+    config = json.loads(files[PEFT_CONFIG])
+  except ValueError as e:
+    raise CorruptError(f"{folder / PEFT_CONFIG} is not valid JSON: {e}") from e
+  _check_peft_config(config, folder / PEFT_CONFIG)
+  try:
+    tensors = safetensors.numpy.load(files[PEFT_WEIGHTS])
+  except Exception as e:  # safetensors raises its own error types for truncated files
+    raise CorruptError(f"{folder / PEFT_WEIGHTS} is not a readable safetensors file: {e}") from e
+  refused = {key: why for key in tensors if (why := _refused_key(key)) is not None}
+  if refused:
+    shown = "; ".join(f"{k}: {why}" for k, why in sorted(refused.items())[:5])
+    raise ValueError(f"{folder / PEFT_WEIGHTS} holds {len(refused)} tensor(s) mos_jax cannot read as LoRA factors: "
+                     f"{shown}{' ...' if len(refused) > 5 else ''}.")
+  factors: dict[str, dict[str, np.ndarray]] = {}
+  for key, value in tensors.items():
+    if not key.startswith(prefix):
+      raise ValueError(f"{folder / PEFT_WEIGHTS}: key {key!r} lacks the prefix {prefix!r}; pass prefix=.")
+    module, factor, _ = key[len(prefix):].rsplit(".", 2)
+    factors.setdefault(module, {})[factor] = value
+  try:
+    r, alpha = config["r"], config["lora_alpha"]
+    ranks, alphas = dict(config.get("rank_pattern") or {}), dict(config.get("alpha_pattern") or {})
+    out = {}
+    for module, ab in sorted(factors.items()):
+      if set(ab) != {"lora_A", "lora_B"}:
+        raise ValueError(f"module {module!r} has {sorted(ab)}, not lora_A and lora_B")
+      a, b = ab["lora_A"], ab["lora_B"]
+      r_m, alpha_m = _pattern_value(ranks, module, r), _pattern_value(alphas, module, alpha)
+      if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r_m or b.shape[1] != r_m:
+        raise ValueError(f"module {module!r} has lora_A {a.shape} and lora_B {b.shape}, but the config gives it "
+                         f"rank {r_m} (2-D (r, d_in) and (d_out, r) expected)")
+      scale = alpha_m / math.sqrt(r_m) if config.get("use_rslora") else alpha_m / r_m
+      out[module.replace(".", "/")] = PeftModule(a, b, float(scale))
+  except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+    raise CorruptError(f"{folder} is not a consistent PEFT LoRA folder: {e}") from e
+  if not out:
+    raise CorruptError(f"{folder / PEFT_WEIGHTS} holds no LoRA factors (no lora_A/lora_B tensors).")
+  return out
 
 
 def load_peft_factors(folder: str | Path, *, prefix: str = PEFT_PREFIX,
                       ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float]:
-  """Reads a PEFT LoRA folder back into Flax-path factors.
+  """Reads a PEFT LoRA folder back into Flax-path factors and their one scale.
+
+  :func:`load_peft` with every module's scale equal (rsLoRA included); use
+  :func:`load_peft` when ``rank_pattern``/``alpha_pattern`` give modules
+  different scales.
 
   Args:
     folder: a folder written by :func:`export_peft` (or by PEFT).
     prefix: the key prefix to strip.
 
   Returns:
-    ``({flax module path: (A (r, d_in), B (d_out, r))}, lora_alpha / r)``.
+    ``({flax module path: (A (r, d_in), B (d_out, r))}, scale)``, ``scale`` being
+    ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA).
 
   Raises:
+    ValueError: modules have different scales (rank or alpha patterns), or
+      anything :func:`load_peft` refuses.
     CorruptError: the folder's files differ from its manifest, or cannot be read.
 
   Example:
     >>> factors, scale = load_peft_factors("out/peft")  # doctest: +SKIP
-    >>> dw = mos_jax.core.delta_weight(*map(jnp.asarray, factors["model/layers/0/self_attn/q_proj"]), scale)  # doctest: +SKIP
+    >>> a, b = factors["model/layers/0/self_attn/q_proj"]  # doctest: +SKIP
+    >>> dw = mos_jax.core.delta_weight(jnp.asarray(a), jnp.asarray(b), scale)  # doctest: +SKIP
   """
-  folder = Path(folder)
-  verify_export(folder)
-  try:
-    peft_config = json.loads((folder / PEFT_CONFIG).read_text())
-    scale = peft_config["lora_alpha"] / peft_config["r"]
-    with safe_open(str(folder / PEFT_WEIGHTS), framework="numpy") as f:
-      keys, tensors = list(f.keys()), {key: f.get_tensor(key) for key in f.keys()}
-  except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
-    raise CorruptError(f"{folder} is not a readable PEFT adapter folder: {e!r}") from e
-  except Exception as e:  # safetensors raises its own error types for truncated files
-    raise CorruptError(f"{folder / PEFT_WEIGHTS} is not a readable safetensors file: {e}") from e
-  factors: dict[str, dict[str, np.ndarray]] = {}
-  for key in keys:
-    if not key.startswith(prefix):
-      raise ValueError(f"{folder / PEFT_WEIGHTS}: key {key!r} lacks the prefix {prefix!r}; pass prefix=.")
-    module, factor, _ = key[len(prefix):].rsplit(".", 2)
-    factors.setdefault(module.replace(".", "/"), {})[factor] = tensors[key]
-  return {path: (ab["lora_A"], ab["lora_B"]) for path, ab in factors.items()}, scale
+  modules = load_peft(folder, prefix=prefix)
+  scales = {m.scale for m in modules.values()}
+  if len(scales) > 1:
+    shown = ", ".join(f"{p}: {m.scale:g}" for p, m in list(modules.items())[:4])
+    raise ValueError(f"{folder}: rank_pattern/alpha_pattern give the modules {len(scales)} different scales "
+                     f"({shown} ...), which one scale cannot express: read them with "
+                     "mos_jax.formats.load_peft, which returns each module's scale.")
+  return {p: (m.a, m.b) for p, m in modules.items()}, scales.pop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable, Iterator
 
 import flax
@@ -39,8 +40,11 @@ def inject(adapter: Adapter, *, factors: Factors | None = None,
   params: call the model with :func:`with_factors` ``(params, adapter)``.
 
   On leaving the block, every adapted module must have been called: a module
-  the model never ran through the interceptor (a custom layer, a cached trace)
-  raises ``RuntimeError`` naming it, instead of training nothing silently.
+  the model never ran through the interceptor (a custom layer) raises
+  ``RuntimeError`` naming it, instead of training nothing silently. Each block
+  is part of ``jax.jit``'s cache key: a function jitted inside the block is
+  traced again outside it (and inside another block), never reusing a trace
+  made with another injection state.
 
   Args:
     adapter: the adapter.
@@ -172,7 +176,9 @@ def kernel_layouts(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[st
   """Records how every kernel layer that ``fn`` calls applies its kernel, allocating nothing.
 
   Traces ``fn(*args, **kwargs)`` with ``jax.eval_shape`` and notes, for each
-  module that owns a ``kernel``, its :class:`~mos_jax.core.KernelLayout`:
+  module that owns a ``kernel``, its :class:`~mos_jax.core.KernelLayout` and
+  the kernel shape it applies (one layer's inside ``nn.scan``, so ``adapt``
+  checks ``stacked_modules`` and ``layer_axis`` against it):
   ``nn.Dense`` is ``(d_in, d_out)``; ``nn.DenseGeneral`` contracts its leading
   ``len(axis)`` kernel dims; ``nn.Einsum`` contracts the kernel labels shared
   with the input only; HF ``FlaxConv1D`` stores ``(out, in)``. Any other
@@ -196,8 +202,8 @@ def kernel_layouts(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[st
   def record(module: nn.Module, next_fun, args, kw):
     y = next_fun(*args, **kw)
     if module.has_variable("params", KERNEL):
-      shape = tuple(module.get_variable("params", KERNEL).shape)
-      found["/".join(module.path)] = module_layout(module, shape, args, kw)
+      shape = tuple(module.get_variable("params", KERNEL).shape)  # inside nn.scan: one layer's
+      found["/".join(module.path)] = dataclasses.replace(module_layout(module, shape, args, kw), shape=shape)
     return y
 
   with intercept_kernel_calls(record, any_module=True):

@@ -8,6 +8,7 @@ its kernel maps an input to an output (:func:`module_layout`, :func:`flat_io`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Any, Callable, Iterator
 
 import flax.linen as nn
@@ -24,6 +25,12 @@ HF_CONV1D = "FlaxConv1D"
 _CONV1D_LAYOUT = KernelLayout(in_axes=(1,), out_axes=(0,), module=HF_CONV1D)
 Handler = Callable[[nn.Module, Callable[..., Any], tuple, dict], Any]
 
+#: The interceptors in force, as part of ``jax.jit``'s cache key: flax's interceptor stack is invisible to
+#: JAX, so without it a function jitted inside ``with inject(a)`` would keep returning a's output outside
+#: the block, and one jitted outside would ignore a later block. Made at import, never inside a trace.
+_JIT_KEY = jax.make_user_context(())
+_blocks = itertools.count()
+
 
 def module_input(args: tuple, kwargs: dict) -> jax.Array:
   """The input array of a kernel layer's ``__call__``."""
@@ -38,6 +45,9 @@ def _is_kernel_layer(module: nn.Module) -> bool:
 def intercept_kernel_calls(handle: Handler, *, any_module: bool = False) -> Iterator[None]:
   """Routes each ``__call__`` of a kernel layer through ``handle(module, next_fun, args, kwargs)``.
 
+  Each block is its own ``jax.jit`` cache key (see ``_JIT_KEY``): functions
+  jitted inside it are traced for it, not reused from outside or from another block.
+
   Args:
     handle: returns the layer's output; call ``next_fun(*args, **kwargs)`` for the original.
     any_module: hand every module's ``__call__`` to ``handle``, not only the
@@ -48,7 +58,9 @@ def intercept_kernel_calls(handle: Handler, *, any_module: bool = False) -> Iter
       return next_fun(*args, **kwargs)
     return handle(context.module, next_fun, args, kwargs)
 
-  with nn.intercept_methods(interceptor):
+  # A fresh key per block: its factors are constants of any trace made inside it, so not even a
+  # later block of the same adapter may reuse that trace (its pools may have changed).
+  with nn.intercept_methods(interceptor), _JIT_KEY((*_JIT_KEY.value, next(_blocks))):
     yield
 
 

@@ -506,7 +506,9 @@ def bind(graphdef: nnx.GraphDef, adapter: Adapter, state: BaseState, *,
                         f"{len(frame.state_shapes)}; leaves with other shapes: {bad[:5]}): rebuild it with "
                         "mos_jax.nnx.unbind(model).")
   pools = jax.tree_util.tree_unflatten(frame.pool_treedef, [adapter.pools[g][k] for g, k in frame.pool_order])
-  model = nnx.merge(graphdef, pools, state.state)
+  # Fresh Variable objects (the arrays are shared): the stacked layers' factors and the dropout streams are set
+  # inside the caller's trace, and a Variable made outside it cannot be mutated there (nor may the state change).
+  model = nnx.merge(graphdef, pools, state.state, copy=True)
   if adapter.config.dropout > 0:
     if rng is None:
       raise ValueError(f"MoSConfig.dropout={adapter.config.dropout}: pass the step's key, bind(..., rng=rng), "

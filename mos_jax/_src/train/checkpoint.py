@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import datetime
-import fcntl
 import hashlib
 import logging
-import os
-import socket
+import operator
 import time
 import warnings
 from pathlib import Path
@@ -20,27 +17,39 @@ from jax.experimental import multihost_utils
 from etils import epath
 
 from mos_jax._src.core.hashing import canonical_json, sha256_arrays
-from mos_jax._src.core.identity import as_json, differences, tree_layout
+from mos_jax._src.core.adapter import Adapter
+from mos_jax._src.core.identity import adapter_identity, as_json, differences, tree_layout
 from mos_jax._src.core.targets import path_str
-from mos_jax._src.errors import CorruptError, MismatchError
+from mos_jax._src.errors import CorruptError, LockedError, MismatchError
+from mos_jax._src.io.files import FileLock
 
 #: Written into every checkpoint; bumped when the layout below changes. Format 2 adds
-#: ``meta_sha256``, a checksum of the metadata itself.
-FORMAT = "mos_jax.train_checkpoint/2"
+#: ``meta_sha256``, a checksum of the metadata itself; format 3 ``adapters``, the identity of every
+#: Adapter in the state (found by type), checked on restore whatever identity the caller passed.
+FORMAT = "mos_jax.train_checkpoint/3"
+_FORMAT_2 = "mos_jax.train_checkpoint/2"
 _LEGACY_FORMAT = "mos_jax.train_checkpoint/1"
 #: Subfolder of the checkpoint directory that unreadable steps are moved into.
 QUARANTINE = "corrupt"
 #: The writer's lock file in the checkpoint directory (local folders).
 LOCK = ".writer.lock"
 _STATE, _META = "state", "meta"
-_META_KEYS = ("format", "step", "identity", "layout", "key_impls", "sha256", "data_state", "meta_sha256")
+_META_KEYS = ("format", "step", "identity", "layout", "key_impls", "sha256", "data_state", "adapters", "meta_sha256")
 _MAX_REPORTED = 20
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointLockedError(RuntimeError):
+class CheckpointLockedError(LockedError):
   """Another :class:`TrainCheckpointer` is writing to the same checkpoint directory."""
+
+
+def _format_number(fmt: Any) -> int | None:
+  """N of a ``mos_jax.train_checkpoint/N`` format string, ``None`` for anything else."""
+  prefix = FORMAT.rsplit("/", 1)[0] + "/"
+  if isinstance(fmt, str) and fmt.startswith(prefix) and fmt[len(prefix):].isdigit():
+    return int(fmt[len(prefix):])
+  return None
 
 
 def _meta_digest(meta: Mapping[str, Any]) -> str:
@@ -60,9 +69,19 @@ def _checked_meta(step: int, meta: Any) -> dict[str, Any]:
   if meta.get("format") == _LEGACY_FORMAT:
     warnings.warn(f"Checkpoint step {step} is format 1, whose metadata has no checksum; it is read as is.",
                   stacklevel=4)
-    expected = set(_META_KEYS) - {"meta_sha256"}
+    expected = set(_META_KEYS) - {"meta_sha256", "adapters"}
+  elif meta.get("format") == _FORMAT_2:
+    expected = set(_META_KEYS) - {"adapters"}
   elif meta.get("format") == FORMAT:
     expected = set(_META_KEYS)
+  elif (_format_number(meta.get("format")) or 0) > _format_number(FORMAT) and \
+      meta.get("meta_sha256") == _meta_digest(meta):
+    # Every format from 2 on checksums its metadata this way, so an intact newer step is told apart
+    # from damage (a flipped "2" -> "3" fails the checksum): it is refused, never set aside as corrupt.
+    raise MismatchError(
+        f"Checkpoint step {step} was written by a newer mos_jax (format {meta['format']!r}; this version reads up to "
+        f"{FORMAT!r}). Upgrade mos_jax to resume it. It was left in place; a run of this version must not write "
+        "into this directory.")
   else:
     raise CorruptError(f"Step {step}: metadata format is {meta.get('format')!r}, expected {FORMAT!r}.")
   if set(meta) != expected:
@@ -76,34 +95,21 @@ def _checked_meta(step: int, meta: Any) -> dict[str, Any]:
   return meta
 
 
-class _WriterLock:
-  """An exclusive ``flock`` on ``<directory>/.writer.lock``, released on close or process death.
+def adapters_identity(tree: Any) -> dict[str, Any]:
+  """``{tree path: adapter_identity}`` of every :class:`~mos_jax.Adapter` in a pytree, found by type.
 
-  The file records the holder (host, pid, start time) for the error message; the
-  lock itself is the kernel's, so a crashed writer never leaves a stale lock.
+  The path is the adapter's "/"-joined key path in the tree (``"(root)"`` for the tree itself).
   """
+  found = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, Adapter))[0]
+  return {path_str(p) or "(root)": adapter_identity(x) for p, x in found if isinstance(x, Adapter)}
 
-  def __init__(self, directory: Path):
-    directory.mkdir(parents=True, exist_ok=True)
-    self.path = directory / LOCK
-    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-      holder = os.pread(self._fd, 4096, 0).decode(errors="replace").strip() or "unknown holder"
-      os.close(self._fd)
-      raise CheckpointLockedError(
-          f"Checkpoint directory {directory} is already being written by another TrainCheckpointer "
-          f"({holder}). Two writers would delete each other's steps. Stop that process (or close() it), "
-          "use another directory, or pass read_only=True to only restore.") from None
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    os.ftruncate(self._fd, 0)
-    os.pwrite(self._fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {stamp}".encode(), 0)
 
-  def release(self) -> None:
-    if self._fd is not None:
-      os.close(self._fd)  # closing drops the flock
-      self._fd = None
+def _writer_lock(directory: Path) -> FileLock:
+  """The exclusive lock on ``<directory>/.writer.lock`` (released on close or process death)."""
+  directory.mkdir(parents=True, exist_ok=True)
+  return FileLock(directory / LOCK, what=f"Checkpoint directory {directory}", error=CheckpointLockedError,
+                  fix="Two TrainCheckpointers would delete each other's steps. Stop that process (or close() it), "
+                      "use another directory, or pass read_only=True to only restore.")
 
 
 class Restored(NamedTuple):
@@ -118,6 +124,16 @@ class Restored(NamedTuple):
   step: int
   state: Any
   data_state: Any
+
+
+def _as_step(step: Any) -> int:
+  """A step as a Python ``int`` (NumPy and JAX integer scalars too, which JSON cannot write)."""
+  try:
+    if isinstance(step, (bool, np.bool_)):
+      raise TypeError
+    return operator.index(step)
+  except TypeError:
+    raise TypeError(f"A checkpoint step must be an integer, got {step!r} ({type(step).__name__}).") from None
 
 
 def _short(e: BaseException, limit: int = 300) -> str:
@@ -169,7 +185,7 @@ class TrainCheckpointer:
 
   Each step is an Orbax composite of the state pytree (``StandardSave``: pools,
   optimizer state, step counters, PRNG keys, anything) and a JSON item holding
-  the ``identity``, the state's layout, a SHA-256 of its values and a free JSON
+  the ``identity``, the state's layout, its adapters' identities, a SHA-256 of its values and a free JSON
   ``data_state`` (the data iterator's position). Orbax writes a step into a
   temporary folder and renames it when complete, so a crash mid-save leaves no
   step that :meth:`all_steps` reports. Restoring without a step takes the newest
@@ -179,7 +195,12 @@ class TrainCheckpointer:
   Args:
     directory: the checkpoint folder (created if missing).
     identity: JSON dict that a checkpoint must match to be restored, e.g.
-      ``{"adapter": mos_jax.train.adapter_identity(adapter), "train": {...}}``.
+      ``{"train": {...}, "base_model": mos_jax.train.tree_layout(params)}``. The
+      adapters need no entry: every :class:`~mos_jax.Adapter` in a saved state
+      (found by type, anywhere in the tree) has its :func:`adapter_identity`
+      (config, seed included, spec digest, groups) recorded, and restoring into
+      an adapter whose identity differs is refused with the differences, whatever
+      ``identity`` says.
     save_every: :meth:`save` writes only at multiples of this (unless forced).
     keep: how many most recent steps to keep; ``None`` keeps all.
     async_save: write in a background thread; :meth:`save` returns once the
@@ -214,7 +235,7 @@ class TrainCheckpointer:
     # Taken before Orbax looks at the folder: its start-up cleanup of unfinished saves would
     # delete a running writer's in-progress step.
     if not read_only and jax.process_index() == 0 and str(self.directory).startswith("/"):
-      self._lock = _WriterLock(Path(str(self.directory)))
+      self._lock = _writer_lock(Path(str(self.directory)))
     policies = ocp.checkpoint_managers
     try:
       self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
@@ -258,9 +279,17 @@ class TrainCheckpointer:
 
     Returns:
       Whether a save was started; call :meth:`wait` to block until it is committed.
+
+    Raises:
+      TypeError: ``step`` is not an integer (NumPy integers are converted).
+      CheckpointLockedError: the directory's lock file was deleted or replaced
+        since this writer took it (another writer may be in).
     """
     if self.read_only:
       raise RuntimeError(f"TrainCheckpointer({self.directory}) is read_only: it cannot save.")
+    step = _as_step(step)
+    if self._lock is not None:
+      self._lock.check()
     if not force and not self._manager.should_save(step):
       return False
     try:
@@ -269,6 +298,7 @@ class TrainCheckpointer:
       raise TypeError(f"data_state must be JSON-serialisable (ints, floats, str, lists, dicts): {e}") from e
     plain = _unwrap_keys(state)
     meta = {"format": FORMAT, "step": step, "identity": self._identity, "layout": tree_layout(state),
+            "adapters": adapters_identity(state),
             "key_impls": _key_impls(state), "sha256": _digest(plain), "data_state": data_state}
     # The metadata is checksummed too: damage to it must read as damage, not as another run.
     meta["meta_sha256"] = _meta_digest(meta)
@@ -296,6 +326,8 @@ class TrainCheckpointer:
       FileNotFoundError: no complete checkpoint (or not ``step``) exists.
       MismatchError: the checkpoint belongs to another model, adapter
         or state layout; the message lists every difference.
+        Also raised, saying "written by a newer mos_jax", when the newest step
+        has a newer metadata format: it is left in place, never taken for damage.
       CorruptError: the requested step, or every step, is unreadable.
     """
     self.wait()
@@ -329,7 +361,13 @@ class TrainCheckpointer:
     except Exception as e:  # Orbax and TensorStore raise assorted types for unreadable files.
       raise CorruptError(f"Step {step}: its metadata cannot be read ({_short(e)}).") from e
     meta = _checked_meta(step, meta)
-    diffs = differences(meta["identity"], self._identity) + \
+    live = adapters_identity(like)
+    if "adapters" not in meta and live:
+      warnings.warn(f"Checkpoint step {step} is format {meta['format'][-1]}, which does not record the adapters in its "
+                    "state: only the identity passed to TrainCheckpointer ties it to them.", stacklevel=3)
+    # The adapters first: a config, routing or model difference says more than the layout lines it causes.
+    diffs = (differences({"adapters": meta["adapters"]}, {"adapters": live}) if "adapters" in meta else []) + \
+        differences(meta["identity"], self._identity) + \
         differences({"state": meta["layout"]}, {"state": tree_layout(like)})
     if diffs:
       shown = "\n  - ".join(diffs[:_MAX_REPORTED])

@@ -140,8 +140,8 @@ def test_plan_tunes_a_group_of_rows_then_runs_their_seeds_seed_by_seed_then_the_
   setup = dataclasses.replace(cc.MAIN, rows=("LoRA r=1", cc.MOS), lrs=(1e-3, 3e-3))
   plan = cc.planned(setup, [])
   assert [(p["row"], p["seed"], p["lr"], p["tuning"]) for p in plan] == [
-      ("LoRA r=1", 1000, 1e-3, True), ("LoRA r=1", 1000, 3e-3, True), (cc.MOS, 1000, 1e-3, True),
-      (cc.MOS, 1000, 3e-3, True)]
+      ("LoRA r=1", 1000, 1e-3, True), (cc.MOS, 1000, 1e-3, True), ("LoRA r=1", 1000, 3e-3, True),
+      (cc.MOS, 1000, 3e-3, True)]  # lr by lr across the group: a sitting cut short leaves pairs at equal lrs
   done = [_record(setup, "LoRA r=1", 1000, 1e-3, nll=2.0, tuning=True),
           _record(setup, "LoRA r=1", 1000, 3e-3, nll=1.5, tuning=True),
           _record(setup, cc.MOS, 1000, 1e-3, nll=0.5, tuning=True)]
@@ -177,8 +177,8 @@ def test_a_setup_reusing_anothers_lrs_runs_seed_by_seed_without_a_search():
   done += [_record(main, cc.MOS, 1000, lr, nll=nll, tuning=True) for lr, nll in ((1e-3, 2.0), (3e-3, 1.0))]
   plan = cc.planned(large, done)
   assert [(p["row"], p["seed"], p["lr"], p["tuning"], p["steps"]) for p in plan] == [
-      (cc.MOS, 0, 3e-3, False, 192), ("LoRA r=1", 0, 1e-3, False, 192), (cc.MOS, 1, 3e-3, False, 192),
-      ("LoRA r=1", 1, 1e-3, False, 192)]
+      (cc.MOS, 0, 3e-3, False, 240), ("LoRA r=1", 0, 1e-3, False, 240), (cc.MOS, 1, 3e-3, False, 240),
+      ("LoRA r=1", 1, 1e-3, False, 240)]
   assert all(p["setup_hash"] == large.setup_hash() for p in plan)
 
 
@@ -203,6 +203,9 @@ def test_runs_on_a_tiny_gemma3_are_recorded_and_skipped_when_done(tmp_path):
   assert r["trainable"] == 2 * (48 + 32)  # L x r x (d_in + d_out) of the tiny down_proj
   assert 0 <= r["fact_acc"] <= 1 and r["fact_nll"] > 0 and len(r["train_loss"]) == 2
   assert cc.run_missing([setup], path, lock=None, pause=0, load=load) == 0  # resume: nothing left
+  assert len(runs.load(path)[0]) == 4
+  more = dataclasses.replace(setup, seeds=(0, 1))
+  assert cc.run_missing([more], path, lock=None, pause=0, load=load, launch_minutes=0) == 0  # past its time
   assert len(runs.load(path)[0]) == 4
 
 

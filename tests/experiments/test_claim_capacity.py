@@ -22,6 +22,7 @@ import mos_jax  # noqa: E402
 from experiments import claim_capacity as cc  # noqa: E402
 from experiments.lib import facts, runs  # noqa: E402
 from oracles.gemma3 import tiny_gemma3  # noqa: E402
+from oracles.helpers import assert_close  # noqa: E402
 
 VOCAB = 160
 
@@ -125,6 +126,48 @@ def test_rows_are_the_papers_progression():
   assert switches(rows[cc.MOS2_NOPRIV]) == (True, True, 2, 0, 16, 2)
   assert all(c.target_modules == ("down_proj",) and c.dropout == 0.0 for c in rows.values())
   assert sorted(cc.MAIN.rows) == sorted(rows) and set(cc.LARGE.rows) <= set(rows)
+
+
+@pytest.mark.slow  # ~12 s per row on 2 cores: three jitted gradients of an 8-layer model
+@pytest.mark.parametrize("row", [cc.MOS, cc.PURE, "LoRA r=1"])
+def test_rows_train_the_function_and_gradients_of_a_hand_gathered_reference(row):
+  """Each row's loss and pool gradients on a fact batch equal those of the plain model with
+  ``(α/r)·A_iᵀB_iᵀ`` added to each ``down_proj``, ``A_i, B_i`` gathered from the pools by hand
+  (docs/method.md §5): the adapter reaches every layer's ``down_proj`` and every shard learns."""
+  from flax import nnx  # noqa: PLC0415
+  from experiments.lib import instruct  # noqa: PLC0415
+  layers, tok = 8, FactTokenizer()  # MoS r=8 l=2 draws 16 of the 2·L public shards: L >= 8
+  setup = dataclasses.replace(cc.QUICK, seq_len=12)
+  data = cc.encode_task(tok, setup, 0)
+  batch = {k: jnp.asarray(v) for k, v in instruct.take(data.fact, np.arange(4)).items()}
+  model = tiny_gemma3(layers=layers, vocab=VOCAB)
+  cfg = cc.row_configs(setup, layers)[row]
+  graphdef, adapter, state = mos_jax.nnx.unbind(mos_jax.nnx.adapt(model, cfg))
+  (name, pools), = adapter.pools.items()
+  pools = {name: {"A": pools["A"], "B": jax.random.normal(jax.random.key(1), pools["B"].shape)}}  # B = 0 hides dA
+  ia, ib = adapter.spec.index_a[name], adapter.spec.index_b[name]
+  base_def, base = nnx.split(model)
+
+  def reference(pools, base):
+    def add(path, x):
+      keys = [str(getattr(k, "key", k)) for k in path]
+      if "down_proj" not in keys or "kernel" not in keys:  # the path may end in the Variable's value field
+        return x
+      i = int(keys[keys.index("layers") + 1])
+      a = pools[name]["A"][ia[i]].reshape(cfg.rank, -1)    # r x d_in: rank vector j = shards j·l .. j·l+l-1
+      b = pools[name]["B"][ib[i]].reshape(cfg.rank, -1).T  # d_out x r
+      return x + cfg.alpha / cfg.rank * a.T @ b.T
+    return instruct.response_loss(nnx.merge(base_def, jax.tree_util.tree_map_with_path(add, base)), batch)
+
+  got_loss, got = jax.jit(jax.value_and_grad(
+      lambda ad: instruct.response_loss(mos_jax.nnx.bind(graphdef, ad, state), batch)))(adapter.replace(pools=pools))
+  want_loss, want = jax.jit(jax.value_and_grad(reference))(pools, base)
+  assert not np.isclose(float(want_loss), float(jax.jit(lambda s: instruct.response_loss(nnx.merge(base_def, s), batch))(
+      base)))  # the reference did add the terms
+  assert_close(got_loss, want_loss, rtol=1e-5)
+  for k in ("A", "B"):
+    assert_close(got.pools[name][k], want[name][k], rtol=1e-4)
+    assert (np.abs(np.asarray(got.pools[name][k])).max(axis=1) > 0).all(), f"a {k} shard gets no gradient"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -77,6 +77,7 @@ def test_tiny_llama_learns_facts_and_generation_reproduces_them(tokenizer, tmp_p
   assert decode_new(tokenizer, out, ids.shape[1]) == [a for _, a in FACTS]
 
 
+@pytest.mark.slow  # over a minute on 2 loaded cores; the slow suite runs it
 def test_injected_and_merged_generation_agree(tokenizer):
   model = tiny_llama(tokenizer, layers=4, hidden=64)
   adapter = mos_jax.adapt(model.params, mos_jax.MoSConfig(rank=4, equivalent_rank=1, shards_per_vector=2))

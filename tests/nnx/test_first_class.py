@@ -183,7 +183,7 @@ def test_dry_run_lists_what_adapt_wraps_for_nnx_models():
   assert f"all params: {adapter.base_params:,}" in text
   assert not mos_jax.nnx.mos_layers(model)  # nothing was wrapped
   params = {"layers": {str(i): {"q_proj": {"kernel": jnp.zeros((8, 4))}} for i in range(2)}}
-  assert "matched 2 modules" in mos_jax.dry_run(params, mos_jax.MoSConfig(rank=2, equivalent_rank=1))
+  assert "matched 2 modules" in mos_jax.dry_run(params, mos_jax.MoSConfig(rank=2, equivalent_rank=1, target_modules=("q_proj",)))
 
 
 # --- bind / make_train_step ----------------------------------------------------------------------------------

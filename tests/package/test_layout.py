@@ -118,7 +118,7 @@ sys.modules["mos_jax"] = parent
 import mos_jax.core as core
 import jax.numpy as jnp
 params = {{"layers": {{str(i): {{"q_proj": {{"kernel": jnp.ones((4, 4))}}}} for i in range(2)}}}}
-adapter = core.adapt(params, core.MoSConfig(rank=2, equivalent_rank=1))
+adapter = core.adapt(params, core.MoSConfig(rank=2, equivalent_rank=1, target_modules=("q_proj",)))
 core.merge(params, adapter)
 assert not any(m == "flax" or m.startswith("flax.") for m, v in sys.modules.items() if v is not None)
 print("ok")

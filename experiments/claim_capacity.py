@@ -340,7 +340,9 @@ def analysed(records: Sequence[dict], setup: Setup) -> dict[str, list[dict]]:
 def family_results(by_row: dict[str, list[dict]], pairs: Sequence[tuple[str, str]]) -> dict[str, list[runs.Contrast]]:
   """The family's contrasts on log fact NLL (the primary metric: ratios) and on the accuracies (points)."""
   flat = [r for rs in by_row.values() for r in rs]
-  if len(by_row) < 2 or len({r["seed"] for r in flat}) < 2:
+  seeds = {r["seed"] for r in flat}
+  # The rows x seeds model has rows + seeds - 1 parameters: it needs one observation more for its error term.
+  if len(by_row) < 2 or len(seeds) < 2 or len(flat) <= len(by_row) + len(seeds) - 1:
     return {}
   logs = runs.values_of(flat, PRIMARY, transform=math.log)
   out = {PRIMARY: runs.contrasts(logs, pairs, rows=list(by_row)), "paired": runs.paired_contrasts(logs, pairs)}
@@ -389,7 +391,8 @@ def rows_table(records: Sequence[dict], setup: Setup, by_row: dict[str, list[dic
 
 def contrasts_table(results: dict[str, list[runs.Contrast]]) -> str:
   if not results:
-    return "_Contrasts need two or more rows with two or more seeds._"
+    return ("_Contrasts need two or more rows, two or more seeds and more runs than rows + seeds - 1 (an error "
+            "term)._")
   lines = ["| contrast (a vs b) | fact NLL ratio a/b [95% CI] | Holm p | Δ fact acc. (points) [95% CI] | Holm p | "
            "Δ paraphrase acc. (points) [95% CI] | Holm p |", "|---|---:|---:|---:|---:|---:|---:|"]
   acc = {m: {(c.a, c.b): c for c in results[m]} for m in ("fact_acc", "para_acc")}

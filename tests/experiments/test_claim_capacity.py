@@ -318,6 +318,18 @@ def test_report_builds_the_table_bolds_only_what_survives_holm_and_computes_the_
   assert "| | (1/4 grid lrs: 0.002: 0.10 (50%), 0.032: 5.00 (0%)) | 0 |" in row
 
 
+def test_report_of_a_table_cut_short_has_no_contrasts_until_an_error_term_exists(tmp_path):
+  records, _ = runs.load(_synthetic(tmp_path))
+  # MoS on seeds 0 and 1, LoRA r=1 on seed 0 only: 3 runs, 3 parameters (2 rows + 2 seeds - 1), no error term.
+  cut = [r for r in records if r.get("tuning") or (r["row"] == cc.MOS and r["seed"] in (0, 1) and r["steps"] ==
+                                                    cc.MAIN.steps) or (r["row"] == "LoRA r=1" and r["seed"] == 0
+                                                                       and r["steps"] == cc.MAIN.steps)]
+  text = cc.report(cut, (cc.MAIN,), plot=None)
+  assert "_Contrasts need two or more rows, two or more seeds and more runs than rows + seeds - 1" in text
+  assert "| contrast (a vs b) |" not in text and "_No verdicts yet._" in text
+  lora1 = next(x for x in records if x["row"] == "LoRA r=1" and x["seed"] == 1 and x["steps"] == cc.MAIN.steps)
+  assert "| contrast (a vs b) |" in cc.report(cut + [lora1], (cc.MAIN,), plot=None)  # 4 runs: one error df
+
 def test_equivalent_rank_outside_the_curve_says_so():
   by_row = {f"LoRA r={r}": [{"fact_nll": 1.0 / r}] for r in cc.LORA_RANKS}
   assert cc.equivalent_lora_rank({**by_row, cc.MOS: [{"fact_nll": 0.01}]}) == "> 8"

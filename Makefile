@@ -10,7 +10,9 @@ GEMMA_STAMP := $(VENV)/.installed-gemma
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install test test-slow demo demo-minilm demo-tiny bench bench-levers bench-profile bench-gemma3 bench-torch bench-scan reproduce reproduce-llm clean
+.PHONY: install test test-slow demo demo-minilm demo-tiny bench bench-levers bench-profile bench-gemma3 \
+	bench-gemma3-curves bench-qlora bench-torch bench-scan bench-quantized bench-scaling bench-serving bench-docs bench-all \
+	reproduce reproduce-llm clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -48,28 +50,67 @@ demo-minilm: $(STAMP)
 demo-tiny: $(STAMP)
 	$(BIN)/python -m experiments.tiny_llama_demo
 
-bench: $(STAMP)
-	$(BIN)/python -m experiments.bench_core
-	$(BIN)/python -m experiments.bench_core --hidden 1024
+# Benchmarks. THREADS=1 (the default) pins each run to one core with XLA at one thread: the
+# documented figures; THREADS= (empty) uses every core. Each writes experiments/results/*.json with
+# the load average before and after; `make bench-docs` rewrites docs/benchmarks.md's tables from them.
+THREADS ?= 1
+BENCH_FLAGS := $(if $(THREADS),--threads $(THREADS),)
 
-# Each lever on the low-rank term timed in one LoRA step, and the step's HLO/profile by kind of op.
+bench: $(STAMP)
+	$(BIN)/python -m experiments.bench_core $(BENCH_FLAGS)
+	$(BIN)/python -m experiments.bench_core --hidden 1024 $(BENCH_FLAGS)
+
+# Each lever on the low-rank term timed in one LoRA step (rank 8 at both sizes; rank 16 and under
+# XNNPACK's dot fusion flag at hidden 1024), and the step's HLO/profile by kind of op.
+YNN_DOT := --xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT
 bench-levers: $(STAMP)
-	$(BIN)/python -m experiments.bench_levers
+	$(BIN)/python -m experiments.bench_levers $(BENCH_FLAGS)
+	$(BIN)/python -m experiments.bench_levers --hidden 1024 --rank 16 --levers "custom VJP, fast dB" "+ fused h·Bᵀ" \
+	  $(BENCH_FLAGS) --out experiments/results/bench_levers_r16.json
+	XLA_FLAGS="$(YNN_DOT)" $(BIN)/python -m experiments.bench_levers --hidden 1024 \
+	  --levers "+ fused h·Bᵀ" "own matmul" "x·[W | Aᵀ] (fwd)" "both concatenated" \
+	  $(BENCH_FLAGS) --out experiments/results/bench_levers_ynn.json
 
 bench-profile: $(STAMP)
-	$(BIN)/python -m experiments.bench_profile
+	$(BIN)/python -m experiments.bench_profile $(BENCH_FLAGS)
 
-# Frozen fwd+bwd, qwix LoRA and MoS on the real Gemma 3 270M (~4 min on 2 cores).
+# Frozen fwd+bwd, qwix LoRA and MoS on the real Gemma 3 270M, float32 and bfloat16 (~15 min on one core).
 bench-gemma3: $(STAMP) $(GEMMA_STAMP)
-	$(BIN)/python -m experiments.bench_gemma3
+	$(BIN)/python -m experiments.bench_gemma3 $(BENCH_FLAGS)
+	$(BIN)/python -m experiments.bench_gemma3 --dtype bfloat16 $(BENCH_FLAGS)
 
-# PyTorch + PEFT on bench_core's shapes: the reference ratio for the README (not run by CI).
+# MoS on Gemma 3 270M trained in bfloat16 and float32, 3 seeds: the loss curves (untimed, ~15 min on 2 cores).
+bench-gemma3-curves: $(STAMP) $(GEMMA_STAMP)
+	$(BIN)/python -m experiments.gemma3_bf16_curves
+
+# PyTorch + PEFT on bench_core's shapes: the reference ratio for the docs (not run by CI).
 # One thread: PyTorch's two-thread OpenMP pool stalls whenever another process holds a core.
 bench-torch: $(STAMP) $(TORCH_STAMP)
 	$(BIN)/python -m experiments.bench_peft_torch --threads 1
 
+# MoS on an NF4 Gemma 3 270M base against a float base and qwix's own QLoRA.
+bench-qlora: $(STAMP) $(GEMMA_STAMP)
+	$(BIN)/python -m experiments.bench_qlora_nnx $(BENCH_FLAGS)
+
 bench-scan: $(STAMP)
-	$(BIN)/python -m experiments.bench_scan
+	$(BIN)/python -m experiments.bench_scan $(BENCH_FLAGS)
+
+bench-quantized: $(STAMP)
+	$(BIN)/python -m experiments.bench_quantized $(BENCH_FLAGS)
+
+bench-scaling: $(STAMP)
+	$(BIN)/python -m experiments.bench_scaling $(BENCH_FLAGS)
+
+bench-serving: $(STAMP)
+	$(BIN)/python -m experiments.bench_serving
+
+bench-docs: $(STAMP)
+	$(BIN)/python -m experiments.bench_docs
+
+# Every benchmark, then the docs' tables from their results (an hour or more on 2 cores; run it on
+# a machine nothing else is using, or under the shared lock).
+bench-all: bench bench-levers bench-profile bench-gemma3 bench-gemma3-curves bench-qlora bench-torch bench-scan \
+	bench-quantized bench-scaling bench-serving bench-docs
 
 reproduce: $(STAMP)
 	$(BIN)/python -m experiments.sst2_claim

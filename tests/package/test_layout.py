@@ -153,3 +153,14 @@ def test_readme_is_short(capsys):
   with capsys.disabled():
     print(f"\nREADME.md: {lines} lines (at most 200)")
   assert lines <= 200
+
+
+def test_experiment_scripts_import_only_the_experiments_library():
+  """Issue 21.3: a script imports ``experiments.lib`` (and ``mos_jax``), never another script; the library
+  never imports a script either. Pod configs (``experiments/configs``) import only the library too."""
+  for path in (REPO_ROOT / "experiments").rglob("*.py"):
+    own = [n for n in _imports(path) if n.split(".")[0] == "experiments"]
+    # `from experiments import lib` names "experiments" and "experiments.lib"; `from experiments.lib import x` adds
+    # "experiments.lib.x". Anything else under experiments is a script.
+    bad = [n for n in own if n != "experiments" and n.split(".")[:2] != ["experiments", "lib"]]
+    assert not bad, f"{path.relative_to(REPO_ROOT)} imports {bad}: move what scripts share into experiments/lib/"

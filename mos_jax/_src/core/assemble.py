@@ -19,6 +19,10 @@ from mos_jax._src.core.targets import Group, check_params, kernel_module, path_s
 
 Factors = dict[str, dict[str, jax.Array]]
 
+#: The named scope of the assembly's operations (forward gather and backward scatter-add): profiles and
+#: HLO name them by it (``jvp(mos_assemble)``, ``transpose(jvp(mos_assemble))``).
+ASSEMBLY_SCOPE = "mos_assemble"
+
 
 def gather_factors(p_a: jax.Array, p_b: jax.Array, index_a: np.ndarray, index_b: np.ndarray, group: Group,
                    rank: int) -> tuple[jax.Array, jax.Array]:
@@ -27,13 +31,15 @@ def gather_factors(p_a: jax.Array, p_b: jax.Array, index_a: np.ndarray, index_b:
   Rank vector ``j`` of ``A`` is the concatenation of shards ``index[j·l] ... index[j·l + l - 1]``
   (docs/method.md §5); ``index`` may hold one layer's ids or a stack of layers'. The ids must come
   from an :class:`~mos_jax.AdapterSpec`, which checked them against the pools when it was made.
+  Traced under the named scope :data:`ASSEMBLY_SCOPE`.
   """
   lead = index_a.shape[:-1]
-  # AdapterSpec checks every id against its pool when it is made, so the gather needs neither a clamp
-  # (which would read the wrong shard) nor the NaN-fill select of an out-of-range id.
-  a = p_a.at[index_a.reshape(-1)].get(mode="promise_in_bounds").reshape(*lead, rank, group.d_in)
-  b = p_b.at[index_b.reshape(-1)].get(mode="promise_in_bounds").reshape(*lead, rank, group.d_out)
-  return a, jnp.swapaxes(b, -1, -2)
+  with jax.named_scope(ASSEMBLY_SCOPE):
+    # AdapterSpec checks every id against its pool when it is made, so the gather needs neither a clamp
+    # (which would read the wrong shard) nor the NaN-fill select of an out-of-range id.
+    a = p_a.at[index_a.reshape(-1)].get(mode="promise_in_bounds").reshape(*lead, rank, group.d_in)
+    b = p_b.at[index_b.reshape(-1)].get(mode="promise_in_bounds").reshape(*lead, rank, group.d_out)
+    return a, jnp.swapaxes(b, -1, -2)
 
 
 def assemble(adapter: Adapter) -> Factors:
@@ -90,6 +96,13 @@ def layer_factors(adapter: Adapter, factors: Factors | None = None) -> dict[str,
 def low_rank_term(x: jax.Array, a: jax.Array, b: jax.Array, scale: float | jax.Array) -> jax.Array:
   """``scale · (x @ Aᵀ) @ Bᵀ`` without forming ``ΔW``; ``x: (..., d_in)``, ``A: (r, d_in)``, ``B: (d_out, r)``.
 
+  Computed in the input's dtype: ``A`` and ``B`` (usually float32, from float32 pools) are cast to
+  ``x.dtype`` for the matmuls, every product accumulates in float32 (or wider), and the term comes
+  back in ``x.dtype``. A bfloat16 model's activations are thus never copied to float32, and the
+  input saved for the backward pass is ``x`` itself. The gradients of ``A`` and ``B`` are
+  accumulated in float32 and returned in their own dtypes, so float32 pools get float32 gradients
+  from a bfloat16 model.
+
   Written for the cost of a train step (MoS or LoRA) over the frozen model, which on CPU is
   set by how often full-width ``(tokens, d)`` arrays are read and written, not by FLOPs:
 
@@ -101,25 +114,26 @@ def low_rank_term(x: jax.Array, a: jax.Array, b: jax.Array, scale: float | jax.A
     ``(tokens, r)`` intermediate only and runs four rank-``r`` products, each reading one
     full-width array once, ``dB`` in the orientation CPU matmul kernels run fast.
 
-  On 2 CPU cores this cut a LoRA step's cost over the frozen model's forward+backward from
-  1.4-1.5x to 1.05-1.11x (README, "Benchmark"). Values equal the plain formula's up to float
-  rounding (float32 accumulation in the fused form). As a ``custom_vjp`` the term supports
+  Values equal the plain formula's up to float rounding (the rounding of ``A``, ``B``, ``h`` and
+  ``dh`` to ``x.dtype`` when that is narrower than theirs). As a ``custom_vjp`` the term supports
   reverse mode (``grad``, ``vjp``), ``jit``, ``vmap`` and ``scan``, not forward mode (``jvp``).
 
   Args:
-    x: the layer input, ``(..., d_in)``.
+    x: the layer input, ``(..., d_in)``, in the model's compute dtype.
     a: ``A``, ``(r, d_in)``.
     b: ``B``, ``(d_out, r)``.
     scale: ``α/r`` (a Python number or a scalar array; it gets a gradient too).
 
   Returns:
-    The term, ``(..., d_out)``, in the dtype JAX promotes ``x``, ``a``, ``b`` to.
+    The term, ``(..., d_out)``, in ``x.dtype`` (a non-float ``x`` computes in the factors' dtype).
 
   Example:
     >>> x, a, b = jnp.ones((2, 3)), jnp.ones((1, 3)), jnp.ones((4, 1))
     >>> low_rank_term(x, a, b, 0.5).tolist()
     [[1.5, 1.5, 1.5, 1.5], [1.5, 1.5, 1.5, 1.5]]
   """
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    x = x.astype(jnp.result_type(a, b))
   return _low_rank(x, a * scale, b)
 
 
@@ -129,13 +143,22 @@ def low_rank_term(x: jax.Array, a: jax.Array, b: jax.Array, scale: float | jax.A
 FUSED_RANK_MAX = 8
 
 
-def _expand(h: jax.Array, b: jax.Array) -> jax.Array:
-  """``h Bᵀ``: ``(..., r) × (d_out, r) -> (..., d_out)``."""
+def _accumulator(dtype: Any) -> Any:
+  """The dtype products of ``dtype`` operands accumulate in: float32, or the operands' own if wider."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _dot(spec: str, p: jax.Array, q: jax.Array, dtype: Any) -> jax.Array:
+  """``einsum(spec, p, q)`` on operands cast to ``dtype``, accumulated (and returned) in its accumulator."""
+  return jnp.einsum(spec, p.astype(dtype), q.astype(dtype), preferred_element_type=_accumulator(dtype))
+
+
+def _expand(h: jax.Array, b: jax.Array, dtype: Any) -> jax.Array:
+  """``h Bᵀ``: ``(..., r) × (d_out, r) -> (..., d_out)`` in ``dtype``, accumulated in its accumulator."""
   r = h.shape[-1]
   if r > FUSED_RANK_MAX:
-    return jnp.einsum("...r,or->...o", h, b)
-  dtype = jnp.result_type(h, b)
-  acc = jnp.promote_types(dtype, jnp.float32)  # accumulate as a matmul would, not in bfloat16
+    return _dot("...r,or->...o", h, b, dtype).astype(dtype)
+  acc = _accumulator(dtype)  # accumulate as a matmul would, not in bfloat16
   h = h.astype(acc)
   rows = b.T.astype(acc).reshape((r,) + (1,) * (h.ndim - 1) + (b.shape[0],))
   out = h[..., 0:1] * rows[0]
@@ -144,16 +167,22 @@ def _expand(h: jax.Array, b: jax.Array) -> jax.Array:
   return out.astype(dtype)
 
 
+def _down(x: jax.Array, a: jax.Array) -> jax.Array:
+  """``h = x Aᵀ``, ``(..., r)``, with ``A`` cast to ``x.dtype`` and the sum kept in the accumulator dtype."""
+  return _dot("...i,ri->...r", x, a, x.dtype)
+
+
 @jax.custom_vjp
 def _low_rank(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
-  """``(x @ Aᵀ) @ Bᵀ``, differentiated by :func:`_low_rank_bwd`."""
-  return _expand(jnp.einsum("...i,ri->...r", x, a), b)
+  """``(x @ Aᵀ) @ Bᵀ`` in ``x.dtype``, differentiated by :func:`_low_rank_bwd`."""
+  return _expand(_down(x, a), b, x.dtype)
 
 
 def _low_rank_fwd(x, a, b):
-  h = jnp.einsum("...i,ri->...r", x, a)
-  # The rank-r intermediate is the only residual beyond the inputs: (tokens, r) floats.
-  return _expand(h, b), (x, a, b, h)
+  h = _down(x, a)
+  # The rank-r intermediate is the only residual beyond the inputs: (tokens, r) floats. x is
+  # saved as it came (bfloat16 stays bfloat16), A and B in their own (pool) dtype.
+  return _expand(h, b, x.dtype), (x, a, b, h)
 
 
 def _rows(t: jax.Array) -> jax.Array:
@@ -165,17 +194,19 @@ def _low_rank_bwd(res, g):
 
   Autodiff of the plain formula scales the ``(tokens, d_out)`` cotangent by
   ``scale`` and, on CPU, copies it transposed for ``dB``; here nothing
-  full-width is scaled or copied.
+  full-width is scaled, copied or cast: the rank-r operands (``A``, ``B``, ``h``,
+  ``dh``) are cast to the input's dtype, and every product accumulates in float32.
   """
   x, a, b, h = res
-  g2, h2, x2 = _rows(g), _rows(h), _rows(x)
-  dh = g2 @ b                                    # (tokens, r)
+  dtype = x.dtype
+  g2, h2, x2 = _rows(g.astype(dtype)), _rows(h), _rows(x)
+  dh = _dot("to,or->tr", g2, b, dtype)            # (tokens, r)
   # dBᵀ = hᵀ g as an (r, d_out) product: with d_out minor the CPU kernels run it ~5x faster than
   # the (d_out, r) form, into which XLA folds a plain transpose; the barrier keeps this form and
   # leaves the transpose to the small (r, d_out) result.
-  db = jax.lax.optimization_barrier(jnp.einsum("tr,to->ro", h2, g2)).T
-  da = jnp.einsum("tr,ti->ri", dh, x2)            # (r, d_in), d_in minor: the fast form too
-  dx = (dh @ a).reshape(x.shape)
+  db = jax.lax.optimization_barrier(_dot("tr,to->ro", h2, g2, dtype)).T
+  da = _dot("tr,ti->ri", dh, x2, dtype)            # (r, d_in), d_in minor: the fast form too
+  dx = _dot("tr,ri->ti", dh, a, dtype).reshape(x.shape)
   return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)
 
 

@@ -33,8 +33,9 @@ def inject(adapter: Adapter, *, factors: Factors | None = None,
   layers through ``nn.intercept_methods``; a layer is found by its module path,
   which equals its params path. ``ΔW`` is never formed. Works with
   ``transformers`` Flax models and under ``jax.jit`` as long as the model is
-  called (traced) inside the ``with``. The input is cast to the pools' dtype
-  and the term back to the layer's.
+  called (traced) inside the ``with``. The term is computed in the layer
+  input's dtype (the factors are cast to it, products accumulate in float32;
+  see :func:`mos_jax.core.low_rank_term`) and added in the layer's output dtype.
 
   Layers of a stacked group (run by ``nn.scan``) take their factors from the
   params: call the model with :func:`with_factors` ``(params, adapter)``.
@@ -85,7 +86,7 @@ def inject(adapter: Adapter, *, factors: Factors | None = None,
       a, b, key = _sliced_factors(module, path)
     else:
       a, b, key = factors[group.name]["A"][i], factors[group.name]["B"][i], None
-    x, unflatten = flat_io(module, group, module_input(args, kwargs).astype(a.dtype), args, kwargs)
+    x, unflatten = flat_io(module, group, module_input(args, kwargs), args, kwargs)
     if use_dropout:
       rng = jax.random.fold_in(dropout_rng, calls.ordinal[path])
       x = _dropout(x, config.dropout, rng if key is None else jax.random.fold_in(rng, key))

@@ -68,7 +68,7 @@ def inject_multi(stack: AdapterStack, adapter_ids: jax.Array) -> Iterator[None]:
     if layer is None:  # a stacked group inside nn.scan: the layer comes from the params with_factors gave
       layer = scanned_layer(module, path)
     a, b = row_factors(stack, group, layer, ids)
-    x, unflatten = flat_io(module, group, module_input(args, kwargs).astype(a.dtype), args, kwargs)
+    x, unflatten = flat_io(module, group, module_input(args, kwargs), args, kwargs)
     if x.shape[0] != ids.shape[0]:
       raise ValueError(f"Layer {path} got input of shape {x.shape}, whose first axis is not the batch of "
                        f"{ids.shape[0]} adapter ids.")

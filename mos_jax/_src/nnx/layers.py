@@ -119,7 +119,7 @@ def _record(layer: "MoSLayer") -> None:
 def _call_with_term(layer: Any, x: jax.Array, args: tuple, kwargs: dict, a: jax.Array, b: jax.Array) -> jax.Array:
   """``base(x) + (α/r)·(x Aᵀ) Bᵀ`` in the layer's output layout (shared by both wrappers)."""
   y = layer.base(x, *args, **kwargs)
-  flat, unflatten = jnp.asarray(x).astype(a.dtype), lambda t: t
+  flat, unflatten = jnp.asarray(x), lambda t: t
   spec = layer._spec(args, kwargs)
   if spec is not None:
     flat, unflatten = spec.flat_io(flat, layer.group)

@@ -69,19 +69,22 @@ class Setup:
 
   Attributes:
     n_facts: ``N``, the facts to memorise (a multiple of 64).
-    steps: training steps of the normal runs; the long runs take ``long_factor`` times more.
+    steps: training steps of the normal runs (the issue's pilot: 120 x 16); the long runs take
+      ``long_factor`` times more.
+    lrs: the lr grid, in the order it is searched (the likeliest lrs first); the choice does not
+      depend on the order.
     rows: the rows this setup runs (names of :func:`row_configs`), in the order they are run, in
-      groups of ``group``: the group's lr searches, then its seeds seed by seed across the group,
-      so that a sitting cut short leaves whole pairs to compare.
+      groups of ``group``: the group's lr searches lr by lr across the group, then its seeds seed
+      by seed across the group, so that a sitting cut short leaves whole pairs to compare.
     long_rows: the rows that also get one long run (on ``seeds[0]``).
     lr_from: ``None``: the lr is searched on the tuning seed; else the lrs chosen by this other
       setup are reused (no search) and runs go seed by seed across the rows.
   """
 
   n_facts: int = 256
-  steps: int = 96
+  steps: int = 120
   batch_size: int = 16
-  lrs: tuple[float, ...] = (1e-3, 2e-3, 4e-3, 8e-3)
+  lrs: tuple[float, ...] = (2e-3, 4e-3, 1e-3, 8e-3)
   tuning_seed: int = 1000
   seeds: tuple[int, ...] = (0, 1, 2, 3)
   rows: tuple[str, ...] = ()
@@ -131,10 +134,7 @@ ALL_ROWS = tuple(row_configs(Setup()))
 #: The run order: the pre-registered contrasts' rows first.
 MAIN = Setup(rows=(MOS, "LoRA r=1", "LoRA r=8", PURE, SUBSET, PAIR, "LoRA r=2", "LoRA r=4", MOS2, MOS2_NOPRIV),
              long_rows=("LoRA r=1", MOS))
-LARGE = Setup(n_facts=512, steps=192, rows=("LoRA r=8", MOS), lr_from=MAIN)
-#: The pilot that checked N and the steps, run first: LoRA r=1, MoS and LoRA r=8 at 2e-3 on the tuning seed (also
-#: those rows' lr-search runs at that lr).
-PILOT = (dataclasses.replace(MAIN, rows=("LoRA r=1", MOS, "LoRA r=8"), lrs=(2e-3,), seeds=(), long_rows=()),)
+LARGE = Setup(n_facts=512, steps=240, rows=("LoRA r=8", MOS), lr_from=MAIN)
 QUICK = Setup(n_facts=64, steps=3, batch_size=4, lrs=(3e-3,), seeds=(0, 1), rows=("LoRA r=1", MOS),
               long_rows=("LoRA r=1",), long_factor=2, eval_batch=32)
 
@@ -220,7 +220,7 @@ def planned(setup: Setup, records: Sequence[dict]) -> list[dict]:
   if setup.lr_from is None:
     for i in range(0, len(setup.rows), setup.group):
       group = setup.rows[i:i + setup.group]
-      plan += [run(row, setup.tuning_seed, lr, tuning=True) for row in group for lr in setup.lrs]
+      plan += [run(row, setup.tuning_seed, lr, tuning=True) for lr in setup.lrs for row in group]
       plan += [run(row, s, lrs[row]) for s in setup.seeds for row in group if lrs[row] is not None]
   else:
     plan += [run(row, s, lrs[row]) for s in setup.seeds for row in setup.rows if lrs[row] is not None]
@@ -244,13 +244,16 @@ def chosen_lr(records: Sequence[dict], row: str, setup: Setup) -> float | None:
 
 
 def run_missing(setups: Sequence[Setup], path: Path, *, max_runs: int | None = None, lock: str | None = LOCK,
-                pause: float = 5.0, load: Callable[[], tuple[Any, Any]] | None = None) -> int:
+                pause: float = 5.0, load: Callable[[], tuple[Any, Any]] | None = None,
+                launch_minutes: float | None = None) -> int:
   """Runs what the tables still lack, each run under the heavy-job lock, appending each to ``path``.
 
   Args:
     setups: the tables, run one after the other.
     path: the JSONL.
     max_runs: stop after this many runs (a sitting); ``None`` for all.
+    launch_minutes: start no run after this many minutes from the call (the run under way
+      finishes); ``None`` for no limit.
     lock: the lock file taken for each run alone (``None``: no lock).
     pause: seconds between runs with the lock released, so that others get it.
     load: returns ``(model, tokenizer)``; default the real Gemma 3 270M.
@@ -258,6 +261,7 @@ def run_missing(setups: Sequence[Setup], path: Path, *, max_runs: int | None = N
   Returns:
     How many runs were made.
   """
+  started = time.monotonic()
   model, tokenizer = (load or gemma3.load_gemma3_270m)()
   num_layers = model.config.num_layers
   made = 0
@@ -271,6 +275,9 @@ def run_missing(setups: Sequence[Setup], path: Path, *, max_runs: int | None = N
       todo = runs.missing(planned(setup, records), records, RUN_KEY)
       if not todo:
         break
+      if launch_minutes is not None and time.monotonic() - started > 60 * launch_minutes:
+        print(f"stopping: {launch_minutes:g} min since the start, {len(todo)} runs left", flush=True)
+        return made
       run = todo[0]
       key = (setup.n_facts, run["seed"])
       if key not in tasks:
@@ -333,7 +340,9 @@ def analysed(records: Sequence[dict], setup: Setup) -> dict[str, list[dict]]:
 def family_results(by_row: dict[str, list[dict]], pairs: Sequence[tuple[str, str]]) -> dict[str, list[runs.Contrast]]:
   """The family's contrasts on log fact NLL (the primary metric: ratios) and on the accuracies (points)."""
   flat = [r for rs in by_row.values() for r in rs]
-  if len(by_row) < 2 or len({r["seed"] for r in flat}) < 2:
+  seeds = {r["seed"] for r in flat}
+  # The rows x seeds model has rows + seeds - 1 parameters: it needs one observation more for its error term.
+  if len(by_row) < 2 or len(seeds) < 2 or len(flat) <= len(by_row) + len(seeds) - 1:
     return {}
   logs = runs.values_of(flat, PRIMARY, transform=math.log)
   out = {PRIMARY: runs.contrasts(logs, pairs, rows=list(by_row)), "paired": runs.paired_contrasts(logs, pairs)}
@@ -382,7 +391,8 @@ def rows_table(records: Sequence[dict], setup: Setup, by_row: dict[str, list[dic
 
 def contrasts_table(results: dict[str, list[runs.Contrast]]) -> str:
   if not results:
-    return "_Contrasts need two or more rows with two or more seeds._"
+    return ("_Contrasts need two or more rows, two or more seeds and more runs than rows + seeds - 1 (an error "
+            "term)._")
   lines = ["| contrast (a vs b) | fact NLL ratio a/b [95% CI] | Holm p | Δ fact acc. (points) [95% CI] | Holm p | "
            "Δ paraphrase acc. (points) [95% CI] | Holm p |", "|---|---:|---:|---:|---:|---:|---:|"]
   acc = {m: {(c.a, c.b): c for c in results[m]} for m in ("fact_acc", "para_acc")}
@@ -494,17 +504,20 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--quick", action="store_true",
                       help="smoke test: 2 rows, 2 seeds, 3 steps, 64 facts (under runs/)")
   parser.add_argument("--max-runs", type=int, default=None, help="stop after this many runs (a sitting)")
+  parser.add_argument("--launch-minutes", type=float, default=None,
+                      help="start no new run after this many minutes (the run under way finishes)")
   parser.add_argument("--results", type=Path, default=None,
                       help="the JSONL (default experiments/results/claim_capacity.jsonl)")
   parser.add_argument("--lock", default=LOCK, help="lock file held for each run ('' for none)")
   args = parser.parse_args(argv)
-  setups = (QUICK,) if args.quick else (*PILOT, MAIN, LARGE)
+  setups = (QUICK,) if args.quick else (MAIN, LARGE)
   path = args.results or (QUICK_RESULTS if args.quick else RESULTS)
   if not args.report:
     if args.quick and args.results is None and path.exists():
       path.unlink()  # a smoke test starts from scratch
     start = time.perf_counter()
-    made = run_missing(setups, path, max_runs=args.max_runs, lock=args.lock or None)
+    made = run_missing(setups, path, max_runs=args.max_runs, lock=args.lock or None,
+                       launch_minutes=args.launch_minutes)
     print(f"{made} runs in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
   records, note = runs.load(path)
   if note:

@@ -22,6 +22,7 @@ import mos_jax  # noqa: E402
 from experiments import claim_capacity as cc  # noqa: E402
 from experiments.lib import facts, runs  # noqa: E402
 from oracles.gemma3 import tiny_gemma3  # noqa: E402
+from oracles.helpers import assert_close  # noqa: E402
 
 VOCAB = 160
 
@@ -127,6 +128,48 @@ def test_rows_are_the_papers_progression():
   assert sorted(cc.MAIN.rows) == sorted(rows) and set(cc.LARGE.rows) <= set(rows)
 
 
+@pytest.mark.slow  # ~12 s per row on 2 cores: three jitted gradients of an 8-layer model
+@pytest.mark.parametrize("row", [cc.MOS, cc.PURE, "LoRA r=1"])
+def test_rows_train_the_function_and_gradients_of_a_hand_gathered_reference(row):
+  """Each row's loss and pool gradients on a fact batch equal those of the plain model with
+  ``(α/r)·A_iᵀB_iᵀ`` added to each ``down_proj``, ``A_i, B_i`` gathered from the pools by hand
+  (docs/method.md §5): the adapter reaches every layer's ``down_proj`` and every shard learns."""
+  from flax import nnx  # noqa: PLC0415
+  from experiments.lib import instruct  # noqa: PLC0415
+  layers, tok = 8, FactTokenizer()  # MoS r=8 l=2 draws 16 of the 2·L public shards: L >= 8
+  setup = dataclasses.replace(cc.QUICK, seq_len=12)
+  data = cc.encode_task(tok, setup, 0)
+  batch = {k: jnp.asarray(v) for k, v in instruct.take(data.fact, np.arange(4)).items()}
+  model = tiny_gemma3(layers=layers, vocab=VOCAB)
+  cfg = cc.row_configs(setup, layers)[row]
+  graphdef, adapter, state = mos_jax.nnx.unbind(mos_jax.nnx.adapt(model, cfg))
+  (name, pools), = adapter.pools.items()
+  pools = {name: {"A": pools["A"], "B": jax.random.normal(jax.random.key(1), pools["B"].shape)}}  # B = 0 hides dA
+  ia, ib = adapter.spec.index_a[name], adapter.spec.index_b[name]
+  base_def, base = nnx.split(model)
+
+  def reference(pools, base):
+    def add(path, x):
+      keys = [str(getattr(k, "key", k)) for k in path]
+      if "down_proj" not in keys or "kernel" not in keys:  # the path may end in the Variable's value field
+        return x
+      i = int(keys[keys.index("layers") + 1])
+      a = pools[name]["A"][ia[i]].reshape(cfg.rank, -1)    # r x d_in: rank vector j = shards j·l .. j·l+l-1
+      b = pools[name]["B"][ib[i]].reshape(cfg.rank, -1).T  # d_out x r
+      return x + cfg.alpha / cfg.rank * a.T @ b.T
+    return instruct.response_loss(nnx.merge(base_def, jax.tree_util.tree_map_with_path(add, base)), batch)
+
+  got_loss, got = jax.jit(jax.value_and_grad(
+      lambda ad: instruct.response_loss(mos_jax.nnx.bind(graphdef, ad, state), batch)))(adapter.replace(pools=pools))
+  want_loss, want = jax.jit(jax.value_and_grad(reference))(pools, base)
+  assert not np.isclose(float(want_loss), float(jax.jit(lambda s: instruct.response_loss(nnx.merge(base_def, s), batch))(
+      base)))  # the reference did add the terms
+  assert_close(got_loss, want_loss, rtol=1e-5)
+  for k in ("A", "B"):
+    assert_close(got.pools[name][k], want[name][k], rtol=1e-4)
+    assert (np.abs(np.asarray(got.pools[name][k])).max(axis=1) > 0).all(), f"a {k} shard gets no gradient"
+
+
 # ----------------------------------------------------------------------------------------------
 # The plan.
 
@@ -140,8 +183,8 @@ def test_plan_tunes_a_group_of_rows_then_runs_their_seeds_seed_by_seed_then_the_
   setup = dataclasses.replace(cc.MAIN, rows=("LoRA r=1", cc.MOS), lrs=(1e-3, 3e-3))
   plan = cc.planned(setup, [])
   assert [(p["row"], p["seed"], p["lr"], p["tuning"]) for p in plan] == [
-      ("LoRA r=1", 1000, 1e-3, True), ("LoRA r=1", 1000, 3e-3, True), (cc.MOS, 1000, 1e-3, True),
-      (cc.MOS, 1000, 3e-3, True)]
+      ("LoRA r=1", 1000, 1e-3, True), (cc.MOS, 1000, 1e-3, True), ("LoRA r=1", 1000, 3e-3, True),
+      (cc.MOS, 1000, 3e-3, True)]  # lr by lr across the group: a sitting cut short leaves pairs at equal lrs
   done = [_record(setup, "LoRA r=1", 1000, 1e-3, nll=2.0, tuning=True),
           _record(setup, "LoRA r=1", 1000, 3e-3, nll=1.5, tuning=True),
           _record(setup, cc.MOS, 1000, 1e-3, nll=0.5, tuning=True)]
@@ -177,8 +220,8 @@ def test_a_setup_reusing_anothers_lrs_runs_seed_by_seed_without_a_search():
   done += [_record(main, cc.MOS, 1000, lr, nll=nll, tuning=True) for lr, nll in ((1e-3, 2.0), (3e-3, 1.0))]
   plan = cc.planned(large, done)
   assert [(p["row"], p["seed"], p["lr"], p["tuning"], p["steps"]) for p in plan] == [
-      (cc.MOS, 0, 3e-3, False, 192), ("LoRA r=1", 0, 1e-3, False, 192), (cc.MOS, 1, 3e-3, False, 192),
-      ("LoRA r=1", 1, 1e-3, False, 192)]
+      (cc.MOS, 0, 3e-3, False, 240), ("LoRA r=1", 0, 1e-3, False, 240), (cc.MOS, 1, 3e-3, False, 240),
+      ("LoRA r=1", 1, 1e-3, False, 240)]
   assert all(p["setup_hash"] == large.setup_hash() for p in plan)
 
 
@@ -203,6 +246,9 @@ def test_runs_on_a_tiny_gemma3_are_recorded_and_skipped_when_done(tmp_path):
   assert r["trainable"] == 2 * (48 + 32)  # L x r x (d_in + d_out) of the tiny down_proj
   assert 0 <= r["fact_acc"] <= 1 and r["fact_nll"] > 0 and len(r["train_loss"]) == 2
   assert cc.run_missing([setup], path, lock=None, pause=0, load=load) == 0  # resume: nothing left
+  assert len(runs.load(path)[0]) == 4
+  more = dataclasses.replace(setup, seeds=(0, 1))
+  assert cc.run_missing([more], path, lock=None, pause=0, load=load, launch_minutes=0) == 0  # past its time
   assert len(runs.load(path)[0]) == 4
 
 
@@ -271,6 +317,18 @@ def test_report_builds_the_table_bolds_only_what_survives_holm_and_computes_the_
   row = next(x for x in cc.report(partial, (cc.MAIN,), plot=None).splitlines() if x.startswith(f"| {cc.MOS} |"))
   assert "| | (1/4 grid lrs: 0.002: 0.10 (50%), 0.032: 5.00 (0%)) | 0 |" in row
 
+
+def test_report_of_a_table_cut_short_has_no_contrasts_until_an_error_term_exists(tmp_path):
+  records, _ = runs.load(_synthetic(tmp_path))
+  # MoS on seeds 0 and 1, LoRA r=1 on seed 0 only: 3 runs, 3 parameters (2 rows + 2 seeds - 1), no error term.
+  cut = [r for r in records if r.get("tuning") or (r["row"] == cc.MOS and r["seed"] in (0, 1) and r["steps"] ==
+                                                    cc.MAIN.steps) or (r["row"] == "LoRA r=1" and r["seed"] == 0
+                                                                       and r["steps"] == cc.MAIN.steps)]
+  text = cc.report(cut, (cc.MAIN,), plot=None)
+  assert "_Contrasts need two or more rows, two or more seeds and more runs than rows + seeds - 1" in text
+  assert "| contrast (a vs b) |" not in text and "_No verdicts yet._" in text
+  lora1 = next(x for x in records if x["row"] == "LoRA r=1" and x["seed"] == 1 and x["steps"] == cc.MAIN.steps)
+  assert "| contrast (a vs b) |" in cc.report(cut + [lora1], (cc.MAIN,), plot=None)  # 4 runs: one error df
 
 def test_equivalent_rank_outside_the_curve_says_so():
   by_row = {f"LoRA r={r}": [{"fact_nll": 1.0 / r}] for r in cc.LORA_RANKS}

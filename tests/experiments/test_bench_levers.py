@@ -44,7 +44,10 @@ def plain(setup):
   return grads_of("plain", setup)
 
 
-@pytest.mark.parametrize("lever", [lv for lv in levers.LEVERS if lv != "plain"] + ["library inject"])
+# Each lever compiles its own step (~10 s): the library's own path runs by default, the benchmark's variants in the
+# slow suite.
+@pytest.mark.parametrize("lever", [pytest.param(lv, marks=pytest.mark.slow) for lv in levers.LEVERS if lv != "plain"]
+                         + ["library inject"])
 def test_every_lever_computes_the_plain_formulas_loss_and_gradients(lever, setup, plain):
   want_loss, want = plain
   got_loss, got = grads_of(lever, setup)

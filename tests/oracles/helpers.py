@@ -54,10 +54,17 @@ def trained_adapter(params, config, seed=3):
   return adapter.replace(pools=random_pools(adapter.pools, seed=seed, scale=0.1))
 
 
+_INJECTED = {}
+
+
 def injected_logits(model, params, adapter, ids=TOKEN_IDS):
-  """An HF Flax model's logits with ``adapter`` injected."""
-  with mos_jax.linen.inject(adapter), hf_numerics():
-    return np.asarray(model(ids, params=params).logits)
+  """An HF Flax model's logits with ``adapter`` injected, jitted once per model (eager: seconds per call)."""
+  if id(model) not in _INJECTED:
+    def run(params, adapter, ids):
+      with mos_jax.linen.inject(adapter), hf_numerics():
+        return model(ids, params=params).logits
+    _INJECTED[id(model)] = (model, jax.jit(run))  # the model is kept alive, so its id stays its own
+  return np.asarray(_INJECTED[id(model)][1](params, adapter, jnp.asarray(ids)))
 
 
 def rel_err(actual, desired):

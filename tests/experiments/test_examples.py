@@ -36,6 +36,7 @@ def test_readme_nnx_example_runs():
   assert not scope["mos_jax"].nnx.mos_layers(scope["plain"])
 
 
+@pytest.mark.slow  # a benchmark's quick run in a subprocess (~20 s): the slow suite runs it
 def test_benchmark_quick_run_writes_json(tmp_path):
   """A pinned single-threaded run: ratios with intervals, the assembly's profiled share, the run's threads and load."""
   out = tmp_path / "bench.json"
@@ -52,6 +53,7 @@ def test_benchmark_quick_run_writes_json(tmp_path):
   assert len(run["loadavg_before"]) == 3 and len(run["loadavg_after"]) == 3
 
 
+@pytest.mark.slow  # a benchmark's quick run in a subprocess (~20 s): the slow suite runs it
 def test_scan_benchmark_quick_run_finds_no_base_copy(tmp_path):
   out = tmp_path / "bench_scan.json"
   subprocess.run([sys.executable, "-m", "experiments.bench_scan", "--quick", "--repeats", "1", "--out", str(out)],

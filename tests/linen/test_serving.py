@@ -131,6 +131,7 @@ def test_refuses_incompatible_adapters_and_bad_ids(tiny_llama, adapters):
       tiny_llama(np.ones((2, 4), np.int32))
 
 
+@pytest.mark.slow  # a benchmark's quick run in a subprocess (~20 s): the slow suite runs it
 def test_benchmark_quick_run_writes_json(tmp_path):
   out = tmp_path / "bench.json"
   root = REPO_ROOT

@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 import mos_jax
-from oracles.helpers import rel_err, random_pools
+from oracles.helpers import full_width_upcasts, rel_err, random_pools
 
 D_IN, D_OUT, R = 16, 24, 3
 
@@ -140,14 +140,6 @@ def test_float32_path_matches_float64_to_float32_accuracy(r):
   grads = vjp(jnp.asarray(g, jnp.float32))
   for got, ref in zip((y, *grads), numpy_gradients(x, a, b, g, 0.7)):
     assert rel_err(got, ref) <= 1e-6
-
-
-def full_width_upcasts(fn, *args, min_size):
-  """The converts from bfloat16 to float32 of arrays of at least ``min_size`` elements in ``fn``'s lowered
-  StableHLO, as their shapes (mixed-dtype products convert their narrow operand there)."""
-  hlo = jax.jit(fn).lower(*args).as_text()
-  shapes = re.findall(r"stablehlo.convert %\S+ : \(tensor<([\dx]+)xbf16>\) -> tensor<[\dx]+xf32>", hlo)
-  return [s for s in shapes if np.prod([int(d) for d in s.split("x")]) >= min_size]
 
 
 def test_a_bfloat16_input_is_never_copied_to_float32():

@@ -8,7 +8,6 @@ import sys
 
 import flax.linen as nn
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ import mos_jax
 from mos_jax import MoSConfig, adapt
 from mos_jax.core import stack_adapters
 from mos_jax.linen import inject, inject_multi
-from oracles.helpers import REPO_ROOT, assert_close, hf_numerics, random_pools
+from oracles.helpers import REPO_ROOT, assert_close, full_width_upcasts, hf_numerics, random_pools
 
 BASE = MoSConfig(rank=4, equivalent_rank=1, shards_per_vector=2)
 # Different seeds (so different routings), strategies and alphas: all stack together.
@@ -283,18 +282,6 @@ class _Bf16Net(nn.Module):
     return x
 
 
-def _float32_copies_of(jaxpr, shape):
-  """The ``convert_element_type`` equations (nested jaxprs included) that make a float32 array of ``shape``."""
-  found = 0
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "convert_element_type":
-      out = eqn.outvars[0].aval
-      found += out.dtype == jnp.float32 and tuple(out.shape) == shape
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      found += _float32_copies_of(sub, shape)
-  return found
-
-
 @pytest.mark.parametrize("segment_max", [0, 64])
 def test_a_bf16_model_is_served_in_bf16_without_float32_copies_of_its_activations(segment_max):
   """Issue 24.1 for serving: the term ran in the pools' float32 (the activations copied up) while training
@@ -314,7 +301,7 @@ def test_a_bf16_model_is_served_in_bf16_without_float32_copies_of_its_activation
 
   y = jax.jit(served)(stack, x)
   assert y.dtype == jnp.bfloat16
-  assert _float32_copies_of(jax.make_jaxpr(served)(stack, x).jaxpr, x.shape) == 0
+  assert full_width_upcasts(served, stack, x, min_size=x.size) == []
   for row, k in enumerate(ids):
     if k < 0:
       want = net.apply({"params": params}, x[row:row + 1])

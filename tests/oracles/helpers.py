@@ -1,6 +1,7 @@
 """Test helpers: params pytrees shaped like real models, random pools, float comparisons, the repository root."""
 
 import contextlib
+import re
 from pathlib import Path
 
 import jax
@@ -126,3 +127,11 @@ def pre_restructure_adapter():
   rng = np.random.default_rng(7)
   pools = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), adapter.pools)
   return params, adapter.replace(pools=pools)
+
+
+def full_width_upcasts(fn, *args, min_size):
+  """The converts from bfloat16 to float32 of arrays of at least ``min_size`` elements in ``fn``'s lowered
+  StableHLO, as their shapes (mixed-dtype products convert their narrow operand there)."""
+  hlo = jax.jit(fn).lower(*args).as_text()
+  shapes = re.findall(r"stablehlo.convert %\S+ : \(tensor<([\dx]+)xbf16>\) -> tensor<[\dx]+xf32>", hlo)
+  return [s for s in shapes if np.prod([int(d) for d in s.split("x")]) >= min_size]

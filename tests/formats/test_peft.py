@@ -94,8 +94,8 @@ def test_bert_export_names_modules_like_pytorch(tiny_bert, tmp_path):
 
 @pytest.mark.slow
 def test_peft_adapter_in_pytorch_matches_mos_jax(tiny_llama, trained, tmp_path):
-  torch = pytest.importorskip("torch")
-  peft = pytest.importorskip("peft")
+  import peft
+  import torch
   from transformers import LlamaForCausalLM
   from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
 
@@ -229,8 +229,8 @@ def test_naming_rules_that_map_two_modules_to_one_peft_module_are_refused(traine
 
 def _torch_peft_folder(tmp_path, name, **lora):
   """A tiny PyTorch model adapted by PEFT itself with ``LoraConfig(**lora)``, random factors, saved."""
-  torch = pytest.importorskip("torch")
-  peft = pytest.importorskip("peft")
+  import peft
+  import torch
 
   class Block(torch.nn.Module):
     def __init__(self):

@@ -1,10 +1,11 @@
-"""Tiny Hugging Face model folders for the training entry point's tests, written by transformers itself.
+"""Tiny Hugging Face model folders for the training entry point's tests.
 
-`gemma3_folder` saves a randomly initialised `Gemma3ForCausalLM` (6 layers: five sliding-window ones and a
-global one, as Gemma 3 alternates them) with `save_pretrained` in bfloat16, split into several safetensors
-shards with an index, next to a BPE tokenizer whose special tokens and chat template are Gemma's. PyTorch
-and transformers are used here only to write the fixture, as the hub's files are written; the code under
-test never imports torch.
+`gemma3_folder` writes a random Gemma 3 (6 layers: five sliding-window ones and a global one, as Gemma 3
+alternates them) in bfloat16 the way `save_pretrained` lays it out, split into several safetensors shards with
+an index, next to a BPE tokenizer whose special tokens and chat template are Gemma's. It needs no PyTorch (the
+default suite runs without it); the slow suite checks it against transformers' PyTorch model.
+`decoder_folder` (Llama 3, Qwen 3; slow suite only) is saved by transformers' PyTorch models themselves. The
+code under test never imports torch.
 """
 
 from __future__ import annotations
@@ -38,10 +39,25 @@ def gemma3_tokenizer(folder: Path) -> None:
   fast.save_pretrained(folder)
 
 
-def gemma3_folder(folder: Path, *, seed: int = 0, layers: int = 6, shard_size: str = "150KB") -> Path:
-  """A tiny Gemma 3 in HF layout: bf16 safetensors in 2+ shards with an index, config and tokenizer."""
-  import torch
-  from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+GEMMA3_LAYER = (("self_attn.q_proj", ("q", "h")), ("self_attn.k_proj", ("kv", "h")), ("self_attn.v_proj", ("kv", "h")),
+                ("self_attn.o_proj", ("h", "q")), ("self_attn.q_norm", ("d",)), ("self_attn.k_norm", ("d",)),
+                ("mlp.gate_proj", ("f", "h")), ("mlp.up_proj", ("f", "h")), ("mlp.down_proj", ("h", "f")),
+                ("input_layernorm", ("h",)), ("post_attention_layernorm", ("h",)),
+                ("pre_feedforward_layernorm", ("h",)), ("post_feedforward_layernorm", ("h",)))
+
+
+def gemma3_folder(folder: Path, *, seed: int = 0, layers: int = 6, shard_size: int = 150_000) -> Path:
+  """A tiny Gemma 3 in HF layout: bf16 safetensors in 2+ shards with an index, config and tokenizer.
+
+  Written without PyTorch (the default suite's machine has none), tensor for tensor as transformers'
+  ``Gemma3ForCausalLM.save_pretrained(max_shard_size="150KB")`` writes it: the same names, shapes, order,
+  shards and index. The slow suite loads it into transformers' PyTorch model (no key missing or unexpected) and
+  compares logits, so a layout that drifted from Hugging Face's would fail there.
+  """
+  import ml_dtypes
+  import numpy as np
+  from safetensors.numpy import save_file
+  from transformers import Gemma3TextConfig, GenerationConfig
 
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
@@ -52,14 +68,36 @@ def gemma3_folder(folder: Path, *, seed: int = 0, layers: int = 6, shard_size: s
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
                          sliding_window=8, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
                          max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2,
-                         tie_word_embeddings=True)
-  torch.manual_seed(seed)
-  model = Gemma3ForCausalLM(cfg)
-  with torch.no_grad():  # HF's init leaves norms at 0 and tiny weights: give the tiny model signal to carry
-    for name, p in model.named_parameters():
-      p.copy_(torch.randn_like(p) * (0.3 if "norm" in name else 64 ** -0.5))
-  model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True, max_shard_size=shard_size)
-  assert (folder / "model.safetensors.index.json").is_file(), sorted(p.name for p in folder.iterdir())
+                         tie_word_embeddings=True, architectures=["Gemma3ForCausalLM"])
+  (folder / "config.json").write_text(json.dumps({**cfg.to_diff_dict(), "dtype": "bfloat16"}, indent=2,
+                                                 sort_keys=True) + "\n")
+  GenerationConfig.from_model_config(cfg).save_pretrained(folder)
+  sizes = {"h": cfg.hidden_size, "f": cfg.intermediate_size, "d": cfg.head_dim,
+           "q": cfg.num_attention_heads * cfg.head_dim, "kv": cfg.num_key_value_heads * cfg.head_dim}
+  shapes = {"model.embed_tokens.weight": (vocab, cfg.hidden_size)}
+  for i in range(layers):
+    shapes.update({f"model.layers.{i}.{name}.weight": tuple(sizes[a] for a in axes) for name, axes in GEMMA3_LAYER})
+  shapes["model.norm.weight"] = (cfg.hidden_size,)
+  rng = np.random.default_rng(seed)
+  # Norms well away from 0 and unit-variance rows: the tiny model's activations carry signal (HF's own
+  # initialisation leaves norms at 0 and weights tiny).
+  tensors = {name: (rng.standard_normal(shape) * (0.3 if "norm" in name else cfg.hidden_size ** -0.5))
+             .astype(ml_dtypes.bfloat16) for name, shape in shapes.items()}
+  shards, size = [[]], 0  # transformers' greedy split: a new shard when the next tensor would overflow this one
+  for name, t in tensors.items():
+    if shards[-1] and size + t.nbytes > shard_size:
+      shards, size = shards + [[]], 0
+    shards[-1].append(name)
+    size += t.nbytes
+  weight_map = {}
+  for k, names in enumerate(shards, 1):
+    file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+    save_file({n: tensors[n] for n in names}, str(folder / file), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(names, file))
+  index = {"metadata": {"total_parameters": sum(t.size for t in tensors.values()),
+                        "total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+  (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+  assert len(shards) > 1, "the fixture exists to exercise a sharded checkpoint: lower shard_size"
   return folder
 
 

@@ -6,18 +6,19 @@ the float32 model: the pretrained Gemma 3 270M (``experiments.lib.gemma3``) load
 MoS (r = 8, r_e = 1, l = 2, the six projections of ``mos_jax.nnx.GEMMA3_TARGETS``) trained for
 ``--steps`` AdamW steps on GSM8K question/answer pairs (the loss is the answer tokens'
 cross-entropy, ``experiments.lib.instruct``), for each seed in ``--seeds``. A seed fixes the
-adapter's initialisation and routing and the order of the batches, the same in both dtypes, so the
-difference between the two curves of a seed is the dtype's effect alone; the spread between seeds
-of one dtype is the noise it is compared with. After training, each run's loss on a fixed set of
-held-out test pairs.
+adapter's initialisation and routing; every run sees the same batches in the same order. The
+difference between the two curves of a seed is thus the dtype's effect alone, and the spread
+between seeds of one dtype (same data, another initialisation and routing) is the noise it is
+compared with. After training, each run's loss on a fixed set of held-out test pairs.
 
 Reported (experiments/results/gemma3_bf16_curves.json, --out): every curve, and per step the mean
 and standard deviation over seeds of each dtype and of the paired difference bf16 - f32; the
-summary compares the mean paired difference over the last quarter of the steps (and of the eval
+figure beside it (the same name, .png) draws the curves, and the paired differences beside the
+float32 seed-to-seed ones. The summary compares the mean paired difference over the last quarter of the steps (and of the eval
 losses) with the seed-to-seed standard deviation. Not timed (step times are recorded, on a shared
 machine); GSM8K from ``--data-dir`` (default ../shared/data/gsm8k), generated problems otherwise.
 
-  .venv/bin/python -m experiments.gemma3_bf16_curves                  # 3 seeds x 2 dtypes x 25 steps
+  .venv/bin/python -m experiments.gemma3_bf16_curves                  # 3 seeds x 2 dtypes x 16 steps (~10 min)
   .venv/bin/python -m experiments.gemma3_bf16_curves --quick          # 2 steps, 1 seed: a smoke run
 """
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -34,7 +36,7 @@ import numpy as np
 import optax
 
 import mos_jax
-from experiments.lib import bench, gemma3, gsm8k_data, instruct
+from experiments.lib import bench, gemma3, gsm8k_data, instruct, plots
 from experiments.lib.paths import default_data_dir
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -43,9 +45,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 @dataclasses.dataclass
 class CurveConfig:
   seeds: tuple[int, ...] = (0, 1, 2)
-  steps: int = 25
+  steps: int = 16
   batch: int = 4
-  lr: float = 1e-3
+  lr: float = 2e-3
+  data_seed: int = 0  # the batches and their order: the same for every run
   seq_len: int = 128
   response_len: int = 64
   eval_pairs: int = 16
@@ -59,7 +62,7 @@ def parse_args() -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="1 seed, 2 steps, 4 eval pairs (smoke test)")
   p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")
-  p.add_argument("--steps", type=int, default=None, help="training steps per run (default 25)")
+  p.add_argument("--steps", type=int, default=None, help="training steps per run (default 16)")
   p.add_argument("--data-dir", default=default_data_dir("gsm8k"), help="GSM8K train/test.jsonl folder")
   p.add_argument("--cache-dir", default=None, help="where the converted Gemma 3 weights are cached")
   bench.add_threads_flag(p)
@@ -75,7 +78,8 @@ def encoded(tokenizer: Any, pairs: list[tuple[str, str]], cfg: CurveConfig) -> i
 
 def train_curve(model: Any, data: instruct.Batch, held_out: instruct.Batch, cfg: CurveConfig,
                 seed: int) -> dict[str, Any]:
-  """Trains a fresh adapter (seeded by ``seed``) for ``cfg.steps`` steps; the losses and the held-out loss."""
+  """Trains a fresh adapter (initialised and routed by ``seed``) for ``cfg.steps`` steps; the losses and the
+  held-out loss. The batches depend on ``cfg.data_seed`` only."""
   config = mos_jax.MoSConfig(rank=cfg.rank, equivalent_rank=max(1, cfg.rank // 8), shards_per_vector=2,
                              target_modules=mos_jax.nnx.GEMMA3_TARGETS, seed=seed)
   graphdef, adapter, state = mos_jax.nnx.unbind(mos_jax.nnx.adapt(model, config))
@@ -89,7 +93,7 @@ def train_curve(model: Any, data: instruct.Batch, held_out: instruct.Batch, cfg:
   n = instruct.size(data)
   losses, seconds = [], []
   for i in range(cfg.steps):
-    batch = instruct.take(data, np.random.default_rng([seed, i]).choice(n, cfg.batch, replace=False))
+    batch = instruct.take(data, np.random.default_rng([cfg.data_seed, i]).choice(n, cfg.batch, replace=False))
     t0 = time.perf_counter()
     adapter, opt_state, loss = step(adapter, opt_state, state, batch, jax.random.key(seed))
     losses.append(float(loss))
@@ -101,8 +105,8 @@ def train_curve(model: Any, data: instruct.Batch, held_out: instruct.Batch, cfg:
   chunks = [instruct.take(held_out, np.arange(i, min(i + cfg.batch, instruct.size(held_out))))
             for i in range(0, instruct.size(held_out), cfg.batch)]
   held = float(np.mean([float(evaluate(adapter, state, c)) for c in chunks]))
-  return {"seed": seed, "losses": losses, "held_out_loss": held, "step_seconds": float(np.median(seconds[1:] or seconds)),
-          "compile_and_first_step_s": seconds[0]}
+  return {"seed": seed, "losses": losses, "held_out_loss": held,
+          "step_seconds": float(np.median(seconds[1:] or seconds)), "compile_and_first_step_s": seconds[0]}
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]], steps: int) -> dict[str, Any]:
@@ -146,16 +150,21 @@ def main() -> None:
     for seed in cfg.seeds:
       r = train_curve(model, data, held_out, cfg, seed)
       runs[name].append(r)
-      print(f"{name} seed {seed}: loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}, held-out {r['held_out_loss']:.4f}, "
-            f"{r['step_seconds']:.2f} s/step", flush=True)
+      print(f"{name} seed {seed}: loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}, "
+            f"held-out {r['held_out_loss']:.4f}, {r['step_seconds']:.2f} s/step", flush=True)
     del model
   summary = summarize(runs, cfg.steps)
   for name in ("last_quarter_train_loss", "held_out_loss"):
     s = summary[name]
     print(f"{name}: bf16 - f32 paired {s['paired_diff_mean']:+.4f} (sd {s['paired_diff_sd']:.4f}); seed-to-seed sd "
           f"f32 {s['seed_sd_float32']:.4f}, bf16 {s['seed_sd_bfloat16']:.4f}")
+  figure = Path(args.out).with_suffix(".png")
+  plots.paired_curves({d: [r["losses"] for r in runs[d]] for d in DTYPES}, figure,
+                      f"MoS on Gemma 3 270M, GSM8K answers (lr {cfg.lr}, batch {cfg.batch})")
   bench.write_json(args.out, {"config": dataclasses.asdict(cfg), "data": source, "quick": args.quick,
-                              "environment": bench.environment(), "runs": runs, "summary": summary}, run)
+                              "environment": bench.environment(), "runs": runs, "summary": summary,
+                              "figure": figure.name}, run)
+  print(f"wrote {args.out} and {figure}")
 
 
 if __name__ == "__main__":

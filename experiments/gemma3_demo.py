@@ -8,7 +8,7 @@ put on every attention and MLP projection with ``mos_jax.nnx.adapt``; the adapte
 AdamW, warmup + linear decay). Before and after, each held-out review is scored by the model's
 greedy answer: its most likely next token after the prompt (the word greedy decoding generates
 first; both label words are single tokens), right if it is the review's label, "not a label" if
-it is neither. A few reviews are also answered by the generator, to show the text.
+it is neither. A few reviews are also answered by Tunix's Sampler, to show the text.
 
 Cost: Gemma's output head (its 262k-word tied embedding, 168M of the 268M weights) is applied
 only where an answer is predicted, never at every position; the before/after scores and the
@@ -72,7 +72,7 @@ class DemoConfig:
   equivalent_rank: int = 1
   shards_per_vector: int = 2
   seed: int = 0
-  samples: int = 4             # reviews answered by the generator before and after
+  samples: int = 4             # reviews answered by Tunix's Sampler before and after
   sample_tokens: int = 4       # tokens generated for each
 
 

@@ -123,21 +123,28 @@ def core_details_table(results: Path) -> str:
 
 def levers_table(results: Path) -> str:
   r = load(results, "bench_levers.json")
-  if not r:
+  # A size missing from bench_levers.json may come from its own run (bench_levers_h256.json: --hidden 256 --out ...).
+  by_size = {}
+  for k in ("256", "1024"):
+    src = (r, "bench_levers.json") if r and k in r["runs"] else (load(results, f"bench_levers_h{k}.json"),
+                                                                 f"bench_levers_h{k}.json")
+    if src[0] and k in src[0]["runs"]:
+      by_size[k] = src
+  if not by_size:
     return missing("make bench-levers")
   extra = [(label, load(results, f)) for label, f in (("1024, rank 16", "bench_levers_r16.json"),
                                                        ("1024, YNN dot fusion flag", "bench_levers_ynn.json"))]
   extra = [(label, e) for label, e in extra if e]
-  sizes = [k for k in ("256", "1024") if k in r["runs"]]
+  sizes = list(by_size)
   head = ["lever (LoRA step / frozen fwd+bwd)", *(f"hidden {k}" for k in sizes)]
-  if "1024" in r["runs"]:
+  if "1024" in by_size:
     head += ["1024: GB accessed", "1024: peak"]
   head += [label for label, _ in extra]
-  by = {k: {row["name"]: row for row in r["runs"][k]["rows"]} for k in sizes}
+  by = {k: {row["name"]: row for row in res["runs"][k]["rows"]} for k, (res, _) in by_size.items()}
   by_extra = [{row["name"]: row for row in e["runs"].get("1024", {"rows": []})["rows"]} for _, e in extra]
-  names = [n for n in by[sizes[0]] if n != "frozen fwd+bwd"]
+  names = list(dict.fromkeys(n for k in sizes for n in by[k] if n != "frozen fwd+bwd" and n != "library inject"))
   rows = []
-  for n in names:
+  for n in [*names, "library inject"]:
     cells = [n if n != "library inject" else "**the library** (`mos_jax.linen.adapted_loss`)"]
     cells += [ratio(by[k][n]["over_frozen"]) if n in by[k] else "-" for k in sizes]
     if "1024" in by:
@@ -147,8 +154,9 @@ def levers_table(results: Path) -> str:
     cells += [ratio(e[n]["over_frozen"]) if n in e else "-" for e in by_extra]
     rows.append(cells)
   out = table(head, rows)
-  out += run_line(r, "bench_levers.json") + "".join(run_line(e, f"bench_levers_{'r16' if 'rank' in label else 'ynn'}.json")
-                                                    for label, e in extra)
+  files = dict.fromkeys(f for _, f in by_size.values())
+  out += "".join(run_line(next(res for res, g in by_size.values() if g == f), f) for f in files)
+  out += "".join(run_line(e, f"bench_levers_{'r16' if 'rank' in label else 'ynn'}.json") for label, e in extra)
   return out
 
 

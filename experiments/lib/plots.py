@@ -122,7 +122,8 @@ def paired_curves(curves: dict[str, Sequence[Sequence[float]]], path: Path, titl
     ax1.plot(steps, b[i], "--", color=c, lw=1.2, label=f"{other}, seed {i}")
     ax2.plot(steps, b[i] - a[i], "-", color=c, lw=1.2, label=f"{other} - {ref}, seed {i}")
   for i in range(1, a.shape[0]):
-    ax2.plot(steps, a[i] - a[0], ":", color="gray", lw=1, label=f"{ref}: seed {i} - seed 0" if i == 1 else None)
+    label = f"{ref}: seed k - seed 0 (k >= 1)" if i == 1 else None
+    ax2.plot(steps, a[i] - a[0], ":", color="gray", lw=1, label=label)
   ax2.axhline(0, color="black", lw=0.5)
   ax1.legend(fontsize=7)
   ax2.legend(fontsize=7)

@@ -1,6 +1,7 @@
 """The benchmarks' shared statistics, pinning and floor (experiments/lib/bench.py), and the docs' tables
 (experiments/bench_docs.py)."""
 
+import json
 import os
 
 import flax.linen as nn
@@ -102,3 +103,19 @@ def test_bf16_curves_pair_each_seeds_runs_and_draw_them_beside_the_seed_noise(tm
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   with pytest.raises(ValueError, match="float32 has 2 seeds x 4 steps but bfloat16 1 x 4"):
     plots.paired_curves({"float32": [[1, 2, 3, 4]] * 2, "bfloat16": [[1, 2, 3, 4]]}, png, "t")
+
+
+def test_the_levers_table_takes_a_size_missing_from_bench_levers_json_from_its_own_file(tmp_path):
+  def result(size, names):
+    rows = [{"name": n, "over_frozen": {"median": 1.0 + i / 10, "ci95": [1.0, 1.5]}, "gb_accessed": 1.0,
+             "memory": {"peak_estimate_bytes": 2**20}} for i, n in enumerate(names)]
+    return {"run": {"threads": 1}, "runs": {size: {"rows": rows}}}
+
+  (tmp_path / "bench_levers.json").write_text(json.dumps(result("1024", ["frozen fwd+bwd", "a", "library inject"])))
+  (tmp_path / "bench_levers_h256.json").write_text(json.dumps(result("256", ["frozen fwd+bwd", "b", "library inject"])))
+  lines = bench_docs.levers_table(tmp_path).splitlines()
+  assert lines[0].startswith("| lever (LoRA step / frozen fwd+bwd) | hidden 256 | hidden 1024 |")
+  assert lines[2].startswith("| b | 1.100 [1.000, 1.500] | - |")
+  assert lines[3].startswith("| a | - | 1.100 [1.000, 1.500] |")
+  assert lines[4].startswith("| **the library** (`mos_jax.linen.adapted_loss`) | 1.200 [1.000, 1.500] | 1.200")
+  assert "`bench_levers_h256.json`" in lines[5] and "`bench_levers.json`" in lines[6]

@@ -71,8 +71,9 @@ bench-levers: $(STAMP)
 	  --levers "+ fused h·Bᵀ" "own matmul" "x·[W | Aᵀ] (fwd)" "both concatenated" \
 	  $(BENCH_FLAGS) --out experiments/results/bench_levers_ynn.json
 
+# The step's HLO and profile by kind of op at hidden 256, where the adapter costs the most over the floor.
 bench-profile: $(STAMP)
-	$(BIN)/python -m experiments.bench_profile $(BENCH_FLAGS)
+	$(BIN)/python -m experiments.bench_profile --hidden 256 $(BENCH_FLAGS)
 
 # Frozen fwd+bwd, qwix LoRA and MoS on the real Gemma 3 270M, float32 and bfloat16 (~15 min on one core).
 bench-gemma3: $(STAMP) $(GEMMA_STAMP)

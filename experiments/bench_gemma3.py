@@ -1,6 +1,6 @@
 """The adapter's cost on the real Gemma 3 270M (Tunix NNX): frozen model, qwix LoRA and MoS.
 
-Loads the pretrained Gemma 3 270M (``experiments.lib.gemma3``, float32 or, with --dtype bfloat16,
+Loads the pretrained Gemma 3 270M (``experiments.lib.gemma3_weights``, float32 or, with --dtype bfloat16,
 bfloat16 weights and activations; MoS's pools stay float32) and times, in one process and
 round-robin, on a fixed batch of 4 x 64 random tokens (next-token cross-entropy over the tied
 262k-token head):
@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 import mos_jax
-from experiments.lib import bench, gemma3
+from experiments.lib import bench, gemma3_weights, lm_eval, qwix_lora
 from experiments.lib.bench import mib
 
 BATCH, SEQ, RANK, REPEATS = 4, 64, 8, 10
@@ -62,7 +62,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def batch_of(vocab: int) -> dict[str, jax.Array]:
-  return gemma3.random_batch(vocab, BATCH, SEQ)
+  return lm_eval.random_batch(vocab, BATCH, SEQ)
 
 
 def model_loss(model: Any, batch: dict[str, jax.Array]) -> jax.Array:
@@ -116,7 +116,7 @@ def frozen_variant(model: Any, batch: dict[str, jax.Array]) -> bench.Variant:
 
 
 def qwix_variant(model: Any, batch: dict[str, jax.Array], rank: int) -> bench.Variant:
-  graphdef, lora, rest = gemma3.qwix_lora(model, batch, rank=rank, alpha=16.0)
+  graphdef, lora, rest = qwix_lora.qwix_lora(model, batch, rank=rank, alpha=16.0)
 
   def loss(lora, rest, batch, rng):
     return model_loss(nnx.merge(graphdef, lora, rest), batch)
@@ -157,7 +157,7 @@ def main() -> None:
   run = bench.run_info(args)
   repeats = args.repeats or (3 if args.quick else REPEATS)
   t0 = time.perf_counter()
-  model, _ = gemma3.load_gemma3_270m(args.cache_dir, dtype=DTYPES[args.dtype])
+  model, _ = gemma3_weights.load_gemma3_270m(args.cache_dir, dtype=DTYPES[args.dtype])
   batch = batch_of(model.config.num_embed)
   print(f"Gemma 3 270M ({args.dtype}) loaded in {time.perf_counter() - t0:.0f} s; batch {BATCH} x {SEQ}, "
         f"rank {args.rank}; {bench.device_summary()}; threads {args.threads}", flush=True)

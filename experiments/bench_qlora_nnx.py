@@ -1,6 +1,6 @@
 """QLoRA on the real Gemma 3 270M (Tunix NNX): MoS on an NF4 base vs a float base vs qwix's own QLoRA.
 
-Loads the pretrained Gemma 3 270M (``experiments.lib.gemma3``, float32) and times, in one process and
+Loads the pretrained Gemma 3 270M (``experiments.lib.gemma3_weights``, float32) and times, in one process and
 round-robin, one AdamW training step on a fixed batch of 4 x 64 random tokens for:
 
   MoS float      ``mos_jax.nnx.adapt(model, config)``: float32 base.
@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 import mos_jax
-from experiments.lib import bench, gemma3
+from experiments.lib import bench, gemma3_weights, lm_eval, qwix_lora
 from experiments.lib.bench import mib
 
 BATCH, SEQ = 4, 64
@@ -59,7 +59,7 @@ def mos_variant(name: str, model: Any, batch: dict[str, jax.Array], config: mos_
 
 
 def qwix_variant(model: Any, batch: dict[str, jax.Array], rank: int) -> tuple[bench.Variant, int]:
-  graphdef, lora, rest = gemma3.qwix_lora(model, batch, rank=rank, alpha=16.0, weight_qtype="nf4", tile_size=64)
+  graphdef, lora, rest = qwix_lora.qwix_lora(model, batch, rank=rank, alpha=16.0, weight_qtype="nf4", tile_size=64)
 
   def loss(lora, rest, batch, rng):
     return model_loss(nnx.merge(graphdef, lora, rest), batch)
@@ -74,8 +74,8 @@ def main() -> None:
   run = bench.run_info(args)
   repeats = args.repeats or (3 if args.quick else 8)
   t0 = time.perf_counter()
-  model, _ = gemma3.load_gemma3_270m(args.cache_dir)
-  batch = gemma3.random_batch(model.config.num_embed, BATCH, SEQ)
+  model, _ = gemma3_weights.load_gemma3_270m(args.cache_dir)
+  batch = lm_eval.random_batch(model.config.num_embed, BATCH, SEQ)
   print(f"Gemma 3 270M loaded in {time.perf_counter() - t0:.0f} s; batch {BATCH} x {SEQ}; {bench.device_summary()}",
         flush=True)
   config = mos_jax.MoSConfig(rank=args.rank, equivalent_rank=max(1, args.rank // 8), shards_per_vector=2,

@@ -44,7 +44,7 @@ import jax
 import numpy as np
 
 from mos_jax import MoSConfig
-from experiments.lib import facts, gemma3, instruct, runs
+from experiments.lib import facts, gemma3_weights, instruct, runs
 from experiments.lib.config import TrainConfig
 from experiments.lib.paths import REPO, RESULTS_DIR
 from experiments.lib.plots import metric_vs_params
@@ -262,7 +262,7 @@ def run_missing(setups: Sequence[Setup], path: Path, *, max_runs: int | None = N
     How many runs were made.
   """
   started = time.monotonic()
-  model, tokenizer = (load or gemma3.load_gemma3_270m)()
+  model, tokenizer = (load or gemma3_weights.load_gemma3_270m)()
   num_layers = model.config.num_layers
   made = 0
   tasks: dict[tuple[int, int], Encoded] = {}

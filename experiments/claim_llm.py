@@ -48,7 +48,7 @@ from flax import nnx
 import mos_jax
 from mos_jax import MoSConfig
 from mos_jax.nnx import GEMMA3_TARGETS
-from experiments.lib import gemma3, instruct, runs
+from experiments.lib import gemma3_weights, instruct, runs
 from experiments.lib.config import TrainConfig
 from experiments.lib.paths import REPO, RESULTS_DIR, default_data_dir
 from experiments.lib.plots import metric_vs_params
@@ -321,7 +321,7 @@ def run_missing(claim: ClaimConfig, path: Path, *, data_dir: str | None, only: S
   Returns:
     How many runs were made.
   """
-  model, tokenizer = (load or gemma3.load_gemma3_270m)()
+  model, tokenizer = (load or gemma3_weights.load_gemma3_270m)()
   data = load_task(tokenizer, claim, data_dir)
   table = rows(claim, model.config.num_layers)
   names = [n for n in table if only is None or n in only]

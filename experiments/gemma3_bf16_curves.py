@@ -2,7 +2,7 @@
 
 The bfloat16 path of ``mos_jax`` computes the low-rank term in the model's dtype (the factors cast
 down, float32 accumulation, float32 pools and gradients). This script checks that it trains like
-the float32 model: the pretrained Gemma 3 270M (``experiments.lib.gemma3``) loaded once per dtype,
+the float32 model: the pretrained Gemma 3 270M (``experiments.lib.gemma3_weights``) loaded once per dtype,
 MoS (r = 8, r_e = 1, l = 2, the six projections of ``mos_jax.nnx.GEMMA3_TARGETS``) trained for
 ``--steps`` AdamW steps on GSM8K question/answer pairs (the loss is the answer tokens'
 cross-entropy, ``experiments.lib.instruct``), for each seed in ``--seeds``. A seed fixes the
@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 import mos_jax
-from experiments.lib import bench, gemma3, gsm8k_data, instruct
+from experiments.lib import bench, gemma3_weights, gsm8k_data, instruct
 from experiments.lib.paths import default_data_dir
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -133,7 +133,7 @@ def main() -> None:
   cfg = dataclasses.replace(QUICK if args.quick else CurveConfig(),
                             **({"seeds": tuple(args.seeds)} if args.seeds else {}),
                             **({"steps": args.steps} if args.steps else {}))
-  tokenizer = gemma3.load_tokenizer(args.cache_dir)
+  tokenizer = gemma3_weights.load_tokenizer(args.cache_dir)
   train, test, source = gsm8k_data.get_data(args.data_dir, allow_network=False, seed=0)
   data = encoded(tokenizer, train[:4000], cfg)
   held_out = instruct.take(encoded(tokenizer, test[:400], cfg), np.arange(cfg.eval_pairs))
@@ -141,7 +141,7 @@ def main() -> None:
         f"{cfg.response_len}; {cfg.eval_pairs} held-out pairs; {cfg}", flush=True)
   runs: dict[str, list[dict[str, Any]]] = {}
   for name, dtype in DTYPES.items():
-    model, _ = gemma3.load_gemma3_270m(args.cache_dir, dtype=dtype)
+    model, _ = gemma3_weights.load_gemma3_270m(args.cache_dir, dtype=dtype)
     runs[name] = []
     for seed in cfg.seeds:
       r = train_curve(model, data, held_out, cfg, seed)

@@ -8,7 +8,7 @@ put on every attention and MLP projection with ``mos_jax.nnx.adapt``; the adapte
 AdamW, warmup + linear decay). Before and after, each held-out review is scored by the model's
 greedy answer: its most likely next token after the prompt (the word greedy decoding generates
 first; both label words are single tokens), right if it is the review's label, "not a label" if
-it is neither. A few reviews are also answered by the generator, to show the text.
+it is neither. A few reviews are also answered by Tunix's Sampler, to show the text.
 
 Cost: Gemma's output head (its 262k-word tied embedding, 168M of the 268M weights) is applied
 only where an answer is predicted, never at every position; the before/after scores and the
@@ -41,7 +41,7 @@ import numpy as np
 import optax
 
 import mos_jax
-from experiments.lib import cli, gemma3, instruct
+from experiments.lib import cli, gemma3_tokenizer, gemma3_weights, instruct, sampling
 from experiments.lib.config import TrainConfig
 from experiments.lib.loop import fit
 from experiments.lib.outputs import RUN_CONFIG, save_outputs
@@ -72,7 +72,7 @@ class DemoConfig:
   equivalent_rank: int = 1
   shards_per_vector: int = 2
   seed: int = 0
-  samples: int = 4             # reviews answered by the generator before and after
+  samples: int = 4             # reviews answered by Tunix's Sampler before and after
   sample_tokens: int = 4       # tokens generated for each
 
 
@@ -129,7 +129,7 @@ class Phases:
     return "\n".join(["time per phase:", *rows, f"  {'total':<22}{total:>7.1f} s"])
 
 
-def encode(tok: gemma3.Tokenizer, texts: Sequence[str], labels: Sequence[int], seq_len: int | None,
+def encode(tok: gemma3_tokenizer.Tokenizer, texts: Sequence[str], labels: Sequence[int], seq_len: int | None,
            response_len: int) -> instruct.Batch:
   """``<bos> prompt answer <eos>`` rows (:func:`instruct.encode_pairs`); ``seq_len=None`` fits the longest.
 
@@ -143,7 +143,7 @@ def encode(tok: gemma3.Tokenizer, texts: Sequence[str], labels: Sequence[int], s
   return instruct.encode_pairs(tok, prompts, answers, labels, seq_len=seq_len, response_len=response_len)[0]
 
 
-def label_ids(tok: gemma3.Tokenizer) -> np.ndarray:
+def label_ids(tok: gemma3_tokenizer.Tokenizer) -> np.ndarray:
   """The token of each label word after the prompt (``" negative"``, ``" positive"``).
 
   Raises:
@@ -186,9 +186,9 @@ def evaluate(score: Any, adapter: mos_jax.Adapter, split: instruct.Batch, batche
           "loss": float(nll.sum() / split["weights"].sum()), "answers": answers}
 
 
-def load_model(args: Any) -> tuple[Any, gemma3.Tokenizer]:
+def load_model(args: Any) -> tuple[Any, gemma3_tokenizer.Tokenizer]:
   gguf = None if args.model == DEFAULT_MODEL else args.model
-  return gemma3.load_gemma3_270m(args.cache_dir, gguf=gguf)
+  return gemma3_weights.load_gemma3_270m(args.cache_dir, gguf=gguf)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -241,7 +241,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"({before['not_a_label']:.0%} of answers are neither label)", flush=True)
   sample_prompts = [PROMPT.format(text=t) for t in eval_texts[:cfg.samples]]
   with phase("generation samples"):
-    before_text = gemma3.generate(adapted, tok, sample_prompts, max_new_tokens=cfg.sample_tokens)
+    # One Tunix Sampler over the adapted model for "before" and "after": it reads the pools load_pools writes.
+    sampler = sampling.make_sampler(adapted, tok, sampling.needed_cache_size(tok, sample_prompts, cfg.sample_tokens))
+    before_text = sampling.generate(sampler, tok, sample_prompts, cfg.sample_tokens).text
 
   def next_batch(step: int) -> tuple[instruct.Batch, int]:
     idx = np.random.default_rng([cfg.seed, step]).choice(instruct.size(train), cfg.batch_size, replace=False)
@@ -266,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     after = evaluate(score_state, trained, held_out, batches, labels)
   with phase("generation samples"):
     mos_jax.nnx.load_pools(adapted, trained)
-    after_text = gemma3.generate(adapted, tok, sample_prompts, max_new_tokens=cfg.sample_tokens)
+    after_text = sampling.generate(sampler, tok, sample_prompts, cfg.sample_tokens).text
 
   samples = [{"review": eval_texts[i], "label": LABELS[eval_labels[i]],
               "base_answer": tok.decode([before["answers"][i]]).strip(), "base": before_text[i],

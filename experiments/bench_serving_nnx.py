@@ -178,10 +178,13 @@ def measure(model: Any, adapters: list[mos_jax.Adapter], k: int, s: Sizes) -> di
   timings = bench.time_round_robin(list(calls.values()), s.repeats, shuffle=ORDER_SEED + k)
   wall = {name: [t.wall_s for t in ts] for name, ts in zip(calls, timings)}
   out: dict[str, Any] = {"adapters": k, "rows": rows, "rows_per_adapter": rows // k,
-                         "segmented": bool(plan.segmented), "times_ms": {n: [1e3 * w for w in v] for n, v in wall.items()}}
+                         "segmented": bool(plan.segmented),
+                         "times_ms": {n: [1e3 * w for w in v] for n, v in wall.items()}}
   for job, tokens_per_call in (("forward", rows * s.seq), ("decode", rows)):
-    job_out = {f"{v}_tokens_per_s": tokens_per_call / float(np.median(wall[f"{v} {job}"])) for v in ("mixed", "one", "base")}
-    job_out["mixed_speedup"] = bench.paired_ratio(wall[f"one {job}"], wall[f"mixed {job}"])  # one / mixed: > 1 is faster
+    job_out = {f"{v}_tokens_per_s": tokens_per_call / float(np.median(wall[f"{v} {job}"]))
+               for v in ("mixed", "one", "base")}
+    # one / mixed: above 1, mixing is faster.
+    job_out["mixed_speedup"] = bench.paired_ratio(wall[f"one {job}"], wall[f"mixed {job}"])
     job_out["mixed_over_base"] = bench.paired_ratio(wall[f"mixed {job}"], wall[f"base {job}"])
     if k in TARGETS:
       job_out["target"] = {"min": TARGETS[k], "verdict": verdict(job_out["mixed_speedup"], TARGETS[k])}
@@ -192,7 +195,7 @@ def measure(model: Any, adapters: list[mos_jax.Adapter], k: int, s: Sizes) -> di
 
 
 def stack_memory(adapters: list[mos_jax.Adapter]) -> dict[str, Any]:
-  """Bytes of ``len(adapters)`` stacked adapters (pools, int32 routing, scales) and of as many LoRAs of the same rank."""
+  """Bytes of ``len(adapters)`` stacked adapters (pools, int32 routing, scales) and of as many same-rank LoRAs."""
   stack = mos_jax.core.stack_adapters(adapters)
   pools = bench.tree_bytes(stack.pools)
   routing = bench.tree_bytes((stack.index_a, stack.index_b))

@@ -67,7 +67,8 @@ def main() -> None:
       "model": "Gemma 3 270M (Tunix NNX, float32)", "mos_config": {"rank": 8, "equivalent_rank": 1,
                                                                   "shards_per_vector": 2, "pool_std": args.scale},
       "steps": args.steps, "all_rows_equal": ok, "adapter_rows_changed": changed, "sampler_seconds": seconds,
-      "rows": [{"row": r.row, "adapter": r.adapter, "prompt": r.prompt, "equal": r.equal, "changed_from_base": r.changed,
+      "rows": [{"row": r.row, "adapter": r.adapter, "prompt": r.prompt, "equal": r.equal,
+                "changed_from_base": r.changed,
                 "served_tokens": r.served, "alone_tokens": r.alone, "served_text": tokenizer.decode(r.served),
                 "base_text": tokenizer.decode(r.base)} for r in rows]}, run)
   if not ok:

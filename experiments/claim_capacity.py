@@ -373,7 +373,8 @@ def rows_table(records: Sequence[dict], setup: Setup, by_row: dict[str, list[dic
     grid = ", ".join(f"{lr:g}: {tuning[lr][PRIMARY]:.2f} ({tuning[lr]['fact_acc']:.0%})" for lr in sorted(tuning))
     lr = chosen_lr(records, row, setup)
     if setup.lr_from is not None:
-      chosen = f"{lr:g} (N = {setup.lr_from.n_facts}'s; pilot: {grid})" if lr is not None else "-"
+      pilot = f"; pilot: {grid}" if grid else ""
+      chosen = f"{lr:g} (N = {setup.lr_from.n_facts}'s{pilot})" if lr is not None else "-"
     elif lr is not None:
       chosen = f"**{lr:g}** ({grid})"
     else:

@@ -4,7 +4,7 @@
 config (``num_layers``, ``num_kv_heads``, ``head_dim``) and a
 :class:`~experiments.lib.gemma3_tokenizer.Tokenizer`; :func:`generate` runs it: one prefill of the
 left-padded prompts, then KV-cache decoding, greedy or sampled, each row stopping at its first stop
-token. A sampler compiles its prefill and decoding once per padded batch shape and reads the
+token. A sampler compiles its prefill and decoding once per padded batch shape and temperature, and reads the
 model's variables at each call, so pools written in place afterwards (``mos_jax.nnx.load_pools``)
 are used without rebuilding it. For many adapters in one batch, make the sampler over
 ``mos_jax.nnx.adapt_multi(...)`` and generate through ``mos_jax.nnx.serve``.

@@ -95,15 +95,21 @@ def test_scanned_equals_unrolled_outputs_and_pool_gradients(axis):
     with mos_jax.linen.inject(adapter):
       return (apply_unrolled(flat, x) ** 2).sum()
 
-  with mos_jax.linen.inject(scanned):
-    out_scanned = model.apply({"params": mos_jax.linen.with_factors(params, scanned)}, x)
-  with mos_jax.linen.inject(unrolled):
-    out_unrolled = apply_unrolled(flat, x)
+  def scanned_out(adapter):
+    with mos_jax.linen.inject(adapter):
+      return model.apply({"params": mos_jax.linen.with_factors(params, adapter)}, x)
+
+  def unrolled_out(adapter):
+    with mos_jax.linen.inject(adapter):
+      return apply_unrolled(flat, x)
+
+  # Jitted: eager injection through a 4-layer scan costs seconds per call.
+  out_scanned, out_unrolled = jax.jit(scanned_out)(scanned), jax.jit(unrolled_out)(unrolled)
   assert_close(out_scanned, out_unrolled, rtol=1e-5)
   assert np.abs(np.asarray(out_scanned) - np.asarray(model.apply({"params": params}, x))).max() > 1e-3
   # The merged stack (ΔW in the kernel's own layout, layer axis included) gives the same outputs.
   assert_close(model.apply({"params": mos_jax.merge(params, scanned)}, x), out_scanned, rtol=1e-5)
-  g_scanned, g_unrolled = jax.grad(scanned_loss)(scanned), jax.grad(unrolled_loss)(unrolled)
+  g_scanned, g_unrolled = jax.jit(jax.grad(scanned_loss))(scanned), jax.jit(jax.grad(unrolled_loss))(unrolled)
   by_leaf = {g.name.split("/")[-1]: g.name for g in unrolled.groups}
   for g in scanned.groups:
     for f in ("A", "B"):

@@ -73,9 +73,13 @@ QUICK = Sizes(layers=2, embed=32, hidden=48, heads=4, head_dim=8, kv_heads=2, vo
 
 
 def parse_args() -> argparse.Namespace:
+  def extra(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapters", type=int, nargs="+", default=None,
+                   help="adapter counts to measure (default 1 8 64 1000; --quick: 1 4)")
+
   return bench.bench_parser(__doc__, out_file="bench_serving_nnx.json",
                             quick_help="tiny model, 1 and 4 adapters, 2 rounds (smoke test)",
-                            repeats_help="timed rounds (default 9)").parse_args()
+                            repeats_help="timed rounds (default 9)", extra=extra).parse_args()
 
 
 def mos_config(s: Sizes) -> mos_jax.MoSConfig:
@@ -232,6 +236,10 @@ def main() -> None:
   args = parse_args()
   run = bench.run_info(args)
   s = bench.sizes_from(args, Sizes(), QUICK)
+  if args.adapters:
+    s.adapters = tuple(args.adapters)
+  if min(s.adapters) < 1:
+    raise SystemExit(f"--adapters must all be at least 1, got {s.adapters}.")
   model, adapters = build(s)
   rows = []
   for k in s.adapters:

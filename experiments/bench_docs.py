@@ -277,7 +277,7 @@ def serving_table(results: Path) -> str:
             "cache; "
             f"MoS r={s['rank']} r_e={s['equivalent_rank']} l={s['shards_per_vector']} on the six projections. "
             f"{m['adapters']:,} stacked adapters hold {mib(m['pools_bytes'])} of pools "
-            f"({m['per_adapter_pools_bytes']:,} bytes each) and {m['routing_bytes'] / 2**10:.0f} KiB of routing "
+            f"({m['per_adapter_pools_bytes']:,} bytes each) and {mib(m['routing_bytes'])} of routing "
             f"({mib(m.get('lora_same_rank_bytes'))} for as many LoRAs of rank {s['rank']}); XLA's "
             f"peak for the forward over {big['rows']:,} rows: {mib(peak['mixed forward'])} mixed, "
             f"{mib(peak['base forward'])} base.*\n")
@@ -297,8 +297,12 @@ def qlora_table(results: Path) -> str:
   r = load(results, "bench_qlora_nnx.json")
   if not r:
     return missing("make bench-qlora")
-  head = ["variant", "step", "/ MoS float", "base weights", "peak memory (XLA)"]
-  rows = [[row["name"], ms(row), ratio(row["over_mos_float"]), mib(row["base_weights_bytes"]),
+  from experiments.lib.bench import paired_ratio  # noqa: PLC0415 - imports JAX: only when this table has results
+
+  qwix = next((row for row in r["rows"] if row["name"] == "qwix QLoRA"), None)
+  head = ["variant", "step", "/ MoS float", "/ qwix QLoRA", "base weights", "peak memory (XLA)"]
+  rows = [[row["name"], ms(row), ratio(row["over_mos_float"]),
+           ratio(paired_ratio(row["times_ms"], qwix["times_ms"])) if qwix else "-", mib(row["base_weights_bytes"]),
            mib(row["memory"].get("peak_estimate_bytes"))] for row in r["rows"]]
   return (table(head, rows) + f"*{r['model']}, batch {r['batch']} x {r['seq']}, rank {r['rank']}, "
           f"{r['repeats']} rounds.*\n" + run_line(r, "bench_qlora_nnx.json"))

@@ -12,7 +12,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
 .PHONY: install test test-slow demo demo-minilm demo-tiny bench bench-levers bench-profile bench-gemma3 \
 	bench-gemma3-curves bench-qlora bench-torch bench-scan bench-quantized bench-scaling bench-serving bench-docs bench-all \
-	reproduce reproduce-llm clean
+	serve-gemma3 reproduce reproduce-llm clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -101,8 +101,15 @@ bench-quantized: $(STAMP)
 bench-scaling: $(STAMP)
 	$(BIN)/python -m experiments.bench_scaling $(BENCH_FLAGS)
 
+# Many adapters in one batch vs one at a time vs the base: NNX (Tunix Gemma 3, 1 to 1,000 adapters, forward and
+# decoding) and linen (HF Flax Llama).
 bench-serving: $(STAMP)
-	$(BIN)/python -m experiments.bench_serving
+	$(BIN)/python -m experiments.bench_serving_nnx $(BENCH_FLAGS)
+	$(BIN)/python -m experiments.bench_serving $(BENCH_FLAGS)
+
+# 4 adapters + base rows served in one batch on the real Gemma 3 270M, each row against its adapter alone (untimed).
+serve-gemma3: $(STAMP) $(GEMMA_STAMP)
+	$(BIN)/python -m experiments.serve_gemma3
 
 bench-docs: $(STAMP)
 	$(BIN)/python -m experiments.bench_docs

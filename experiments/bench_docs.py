@@ -246,10 +246,72 @@ def scaling_table(results: Path) -> str:
   return table(head, rows, "lrrr") + (run_line(r, "bench_scaling.json") if "run" in r else "")
 
 
+def serving_table(results: Path) -> str:
+  nnx_r, linen_r = load(results, "bench_serving_nnx.json"), load(results, "bench_serving.json")
+  if not nnx_r and not linen_r:
+    return missing("make bench-serving")
+  head = ["backend, job", "adapters", "rows", "mixed tok/s", "one at a time tok/s", "base tok/s",
+          "mixed / one at a time", "mixed / base time", "target"]
+  rows = []
+  for r in (nnx_r or {}).get("rows", []):
+    for job in ("forward", "decode"):
+      j, t = r[job], r[job].get("target")
+      rows.append([f"NNX Gemma 3, {job}", f"{r['adapters']:,}", f"{r['rows']:,}", f"{j['mixed_tokens_per_s']:,.0f}",
+                   f"{j['one_tokens_per_s']:,.0f}", f"{j['base_tokens_per_s']:,.0f}",
+                   f"**{ratio(j['mixed_speedup'], 2)}**", ratio(j["mixed_over_base"], 2),
+                   f">= {t['min']}: {t['verdict']}" if t else "-"])
+  if linen_r:
+    t = linen_r["throughput"]
+    for r in t["rows"]:
+      rows.append(["linen Llama, forward", f"{r['adapters']:,}", f"{linen_r['sizes']['batch']:,}",
+                   f"{r['mixed_tokens_per_s']:,.0f}", f"{r['one_at_a_time_tokens_per_s']:,.0f}",
+                   f"{t['base_tokens_per_s']:,.0f}", f"**{ratio(r['mixed_speedup'], 2)}**",
+                   ratio(r.get("mixed_over_base"), 2), "-"])
+  out = table(head, rows, "lrrrrrrrl")
+  if nnx_r:
+    m, s = nnx_r["stack_memory"], nnx_r["sizes"]
+    big = next(r for r in nnx_r["rows"] if r["adapters"] == max(s["adapters"]))
+    peak = {n: big.get("memory", {}).get(n, {}).get("peak_estimate_bytes") for n in ("mixed forward", "base forward")}
+    out += (f"*NNX: Tunix Gemma 3 (random) {s['layers']} layers, embed {s['embed']}, MLP {s['hidden']}, vocab "
+            f"{s['vocab']}; forward {s['seq']} tokens per row, decode one token per row over a {s['cache']}-token "
+            "cache; "
+            f"MoS r={s['rank']} r_e={s['equivalent_rank']} l={s['shards_per_vector']} on the six projections. "
+            f"{m['adapters']:,} stacked adapters hold {mib(m['pools_bytes'])} of pools "
+            f"({m['per_adapter_pools_bytes']:,} bytes each) and {mib(m['routing_bytes'])} of routing "
+            f"({mib(m.get('lora_same_rank_bytes'))} for as many LoRAs of rank {s['rank']}); XLA's "
+            f"peak for the forward over {big['rows']:,} rows: {mib(peak['mixed forward'])} mixed, "
+            f"{mib(peak['base forward'])} base.*\n")
+    out += run_line(nnx_r, "bench_serving_nnx.json")
+  if linen_r:
+    s, m = linen_r["sizes"], linen_r["memory"]
+    out += (f"*linen: HF Flax Llama (random) hidden {s['hidden']}, {s['layers']} layers, batch {s['batch']} x "
+            f"{s['seq']}, MoS r={s['rank']} r_e={s['equivalent_rank']} l={s['shards_per_vector']} on all seven "
+            f"projections. Per adapter: {m['mos_total_bytes']:,} bytes in memory (pools + int32 routing) vs "
+            f"{m['lora_same_rank_bytes']:,} for LoRA r={s['rank']}; files {m['mos_file_bytes']:,} (native MoS) vs "
+            f"{m['lora_peft_file_bytes']:,} (PEFT export).*\n")
+    out += run_line(linen_r, "bench_serving.json")
+  return out
+
+
+def qlora_table(results: Path) -> str:
+  r = load(results, "bench_qlora_nnx.json")
+  if not r:
+    return missing("make bench-qlora")
+  from experiments.lib.bench import paired_ratio  # noqa: PLC0415 - imports JAX: only when this table has results
+
+  qwix = next((row for row in r["rows"] if row["name"] == "qwix QLoRA"), None)
+  head = ["variant", "step", "/ MoS float", "/ qwix QLoRA", "base weights", "peak memory (XLA)"]
+  rows = [[row["name"], ms(row), ratio(row["over_mos_float"]),
+           ratio(paired_ratio(row["times_ms"], qwix["times_ms"])) if qwix else "-", mib(row["base_weights_bytes"]),
+           mib(row["memory"].get("peak_estimate_bytes"))] for row in r["rows"]]
+  return (table(head, rows) + f"*{r['model']}, batch {r['batch']} x {r['seq']}, rank {r['rank']}, "
+          f"{r['repeats']} rounds.*\n" + run_line(r, "bench_qlora_nnx.json"))
+
+
 TABLES: dict[str, Callable[[Path], str]] = {
     "core": core_table, "core-details": core_details_table, "levers": levers_table, "profile": profile_table,
     "gemma3": gemma3_table, "gemma3-curves": curves_table, "scan": scan_table, "quantized": quantized_table,
-    "scaling": scaling_table}
+    "scaling": scaling_table, "serving": serving_table, "qlora": qlora_table}
 
 
 def render(text: str, results: Path = RESULTS_DIR) -> str:

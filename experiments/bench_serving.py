@@ -4,24 +4,29 @@ On a small HF Flax Llama (GQA, all seven projections adapted) with a batch of
 ``--batch`` rows, where row ``b`` uses adapter ``b % K``:
 
   mixed           one jitted forward over the whole batch with
-                  ``mos_jax.linen.inject_multi`` (stacked pools, per-row gather
-                  of each layer's factors, batched rank-r products).
+                  ``mos_jax.linen.inject_multi`` (stacked pools; the batch's
+                  plan, ``mos_jax.core.plan_rows``, made on the host before the
+                  timed loop as ``mos_jax.linen.serve`` makes it per batch).
   one at a time   for each adapter, a jitted forward over its rows only with
                   its factors assembled beforehand and injected as they are
                   (the best case for swapping adapters: no assembly in the
-                  timed loop).
+                  timed loop; each group's rows sliced on the device before it).
   base            the frozen model alone on the whole batch (the floor).
 
 Throughput is tokens (rows x sequence length) per second, median over
-``--repeats`` interleaved timed rounds after a warm-up (compilation excluded),
-every call ended by ``jax.block_until_ready``; the speedup is also given in
-process CPU time, which drifts less than wall time on a shared machine. Memory per adapter compares the MoS pools
+``--repeats`` timed rounds after a warm-up (compilation excluded), each round
+running the three variants in its own random order, every call ended by
+``jax.block_until_ready``; the speedup (one at a time / mixed) is the median of
+per-round ratios with its 95% bootstrap interval, also in process CPU time,
+which drifts less than wall time on a shared machine. The NNX counterpart
+(Tunix Gemma 3, 1 to 1,000 adapters, decoding steps) is
+``experiments/bench_serving_nnx.py``. Memory per adapter compares the MoS pools
 (+ int32 routing) with LoRA factors at the same active rank, in memory and as
 files (native MoS safetensors vs the PEFT LoRA export of the same adapter).
 Results go to experiments/results/bench_serving.json (``--out``).
 
 Run (the default takes about two minutes on 2 CPU cores):
-  .venv/bin/python -m experiments.bench_serving
+  .venv/bin/python -m experiments.bench_serving --threads 1
   .venv/bin/python -m experiments.bench_serving --quick   # smoke run, seconds
 """
 
@@ -40,7 +45,7 @@ import numpy as np
 import mos_jax
 from experiments.lib import bench
 from experiments.lib.bench import tree_bytes
-from mos_jax.core import stack_adapters
+from mos_jax.core import plan_rows, stack_adapters
 from mos_jax.linen import inject_multi
 
 
@@ -90,18 +95,21 @@ def mos_config(s: Sizes, *, seed: int) -> mos_jax.MoSConfig:
                            shards_per_vector=s.shards_per_vector, seed=seed)
 
 
-def median_seconds(variants: dict[str, Callable[[], Any]], repeats: int) -> dict[str, bench.Timing]:
-  """Median (wall, process CPU) seconds per variant, timed round-robin after a warm-up (compilation).
+#: The seed of the rounds' random orders.
+ORDER_SEED = 0
+
+
+def timed(variants: dict[str, Callable[[], Any]], repeats: int, seed: int) -> dict[str, list[bench.Timing]]:
+  """Each variant's (wall, process CPU) seconds per round, every round in its own random order (``seed``).
 
   CPU time (all threads) is steadier than wall time on a machine shared with other jobs.
   """
-  # Same order every round, as this benchmark's committed results were timed.
-  timings = bench.time_round_robin(list(variants.values()), repeats, alternate=False)
-  return {name: bench.median_timing(t) for name, t in zip(variants, timings)}
+  timings = bench.time_round_robin(list(variants.values()), repeats, shuffle=seed)
+  return dict(zip(variants, timings))
 
 
 def throughput(model: Any, params: Any, adapters: list[mos_jax.Adapter], s: Sizes) -> dict[str, Any]:
-  input_ids = np.random.default_rng(1).integers(0, s.vocab, size=(s.batch, s.seq)).astype(np.int32)
+  input_ids = jnp.asarray(np.random.default_rng(1).integers(0, s.vocab, size=(s.batch, s.seq)), jnp.int32)
   tokens = s.batch * s.seq
   template = adapters[0]  # the groups and scale, shared by all adapters here
 
@@ -127,19 +135,21 @@ def throughput(model: Any, params: Any, adapters: list[mos_jax.Adapter], s: Size
       raise ValueError(f"batch {s.batch} must be a multiple of every adapter count, got {k}.")
     stack = stack_adapters(adapters[:k])
     ids = np.arange(s.batch, dtype=np.int32) % k
-    groups = [np.flatnonzero(ids == j) for j in range(k)]
-    t = median_seconds({
-        "mixed": lambda: mixed(stack, ids, input_ids, params),
-        "one": lambda: [one(factors[j], input_ids[g], params) for j, g in enumerate(groups)],
-        "base": lambda: base(input_ids, params)}, s.repeats)
-    base_times.append(t["base"])
-    mixed_t, one_t = t["mixed"], t["one"]
+    plan = plan_rows(ids, k)  # checked and planned on the host once, as mos_jax.linen.serve does per batch
+    # Each group's rows as a device array made here: no host-side indexing inside the timed loop.
+    groups = [jnp.take(input_ids, jnp.asarray(np.flatnonzero(ids == j)), axis=0) for j in range(k)]
+    t = timed({"mixed": lambda: mixed(stack, plan, input_ids, params),
+               "one": lambda: [one(factors[j], g, params) for j, g in enumerate(groups)],
+               "base": lambda: base(input_ids, params)}, s.repeats, ORDER_SEED + k)
+    base_times += t["base"]
+    mixed_t, one_t = bench.median_timing(t["mixed"]), bench.median_timing(t["one"])
     rows.append({"adapters": k, "rows_per_adapter": s.batch // k,
                  "mixed_tokens_per_s": tokens / mixed_t.wall_s, "one_at_a_time_tokens_per_s": tokens / one_t.wall_s,
-                 "mixed_speedup": one_t.wall_s / mixed_t.wall_s,
+                 "mixed_speedup": bench.paired_ratio([x.wall_s for x in t["one"]], [x.wall_s for x in t["mixed"]]),
+                 "mixed_over_base": bench.paired_ratio([x.wall_s for x in t["mixed"]], [x.wall_s for x in t["base"]]),
                  "mixed_tokens_per_cpu_s": tokens / mixed_t.cpu_s,
                  "one_at_a_time_tokens_per_cpu_s": tokens / one_t.cpu_s,
-                 "mixed_speedup_cpu": one_t.cpu_s / mixed_t.cpu_s})
+                 "mixed_speedup_cpu": bench.paired_ratio([x.cpu_s for x in t["one"]], [x.cpu_s for x in t["mixed"]])})
   base_median = bench.median_timing(base_times)
   return {"rows": rows, "base_tokens_per_s": tokens / base_median.wall_s,
           "base_tokens_per_cpu_s": tokens / base_median.cpu_s}
@@ -169,12 +179,12 @@ def table(result: dict[str, Any]) -> str:
            f"MoS r={s['rank']} r_e={s['equivalent_rank']} l={s['shards_per_vector']}, all 7 projections; "
            f"{result['device']}",
            "",
-           f"{'adapters':>8} {'rows each':>9} {'mixed tok/s':>12} {'1-at-a-time tok/s':>18} {'speedup':>8} "
-           f"{'speedup (CPU time)':>18}"]
+           f"{'adapters':>8} {'rows each':>9} {'mixed tok/s':>12} {'1-at-a-time tok/s':>18} {'speedup [95% CI]':>20} "
+           f"{'speedup (CPU time)':>20}"]
   for r in t["rows"]:
     lines.append(f"{r['adapters']:>8} {r['rows_per_adapter']:>9} {r['mixed_tokens_per_s']:>12,.0f} "
-                 f"{r['one_at_a_time_tokens_per_s']:>18,.0f} {r['mixed_speedup']:>7.2f}x "
-                 f"{r['mixed_speedup_cpu']:>17.2f}x")
+                 f"{r['one_at_a_time_tokens_per_s']:>18,.0f} {bench.fmt_ratio(r['mixed_speedup'], 2):>20} "
+                 f"{bench.fmt_ratio(r['mixed_speedup_cpu'], 2):>20}")
   lines += [f"{'base model, no adapter':>31} {t['base_tokens_per_s']:>12,.0f}", "",
             f"{'per adapter':<34} {'MoS':>10} {'LoRA r=' + str(s['rank']):>12}",
             f"{'in memory (pools + int32 routing)':<34} {m['mos_total_bytes']:>10,} {m['lora_same_rank_bytes']:>12,}",
@@ -188,6 +198,7 @@ def table(result: dict[str, Any]) -> str:
 
 def main() -> None:
   args = parse_args()
+  run = bench.run_info(args)
   s = bench.sizes_from(args, Sizes(), QUICK)
   model, params, adapters = build(s)
   result = {"sizes": dataclasses.asdict(s), "quick": args.quick,
@@ -197,7 +208,7 @@ def main() -> None:
             "memory": memory(adapters[0], s, stacked_adapters=max(s.adapters))}
   print(table(result))
   print()
-  bench.write_json(args.out, result)
+  bench.write_json(args.out, result, run)
 
 
 if __name__ == "__main__":

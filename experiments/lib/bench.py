@@ -302,19 +302,24 @@ class Timing(NamedTuple):
 
 
 def time_round_robin(calls: Sequence[Callable[[], Any]], repeats: int, *,
-                     alternate: bool = True) -> list[list[Timing]]:
+                     alternate: bool = True, shuffle: int | None = None) -> list[list[Timing]]:
   """Time each call ``repeats`` times, one call of each per round; the result follows ``calls``.
 
   Every call gets one untimed warm-up (compilation, allocations, caches) and
   each timed call ends in ``jax.block_until_ready``. Interleaving makes slow
   drifts in load hit all calls alike; ``alternate`` reverses every other round
-  so that no call always runs right after the same neighbour.
+  so that no call always runs right after the same neighbour; ``shuffle`` (a
+  seed) runs each round in its own random order instead.
   """
   for fn in calls:
     jax.block_until_ready(fn())
   times: list[list[Timing]] = [[] for _ in calls]
+  rng = None if shuffle is None else np.random.default_rng(shuffle)
   for i in range(repeats):
-    order = range(len(calls)) if i % 2 == 0 or not alternate else reversed(range(len(calls)))
+    if rng is not None:
+      order = rng.permutation(len(calls)).tolist()
+    else:
+      order = range(len(calls)) if i % 2 == 0 or not alternate else reversed(range(len(calls)))
     for j in order:
       wall, cpu = time.perf_counter(), time.process_time()
       jax.block_until_ready(calls[j]())

@@ -72,3 +72,23 @@ def load_causal_lm(name_or_path: str, *, allow_network: bool, dtype: Any) -> Any
   with jax.numpy_rank_promotion("allow"):
     return FlaxLlamaForCausalLM.from_pretrained(name_or_path, from_pt=not has_flax, dtype=dtype,
                                                 local_files_only=local)
+
+
+def random_gemma3(*, vocab: int, embed: int, hidden: int, layers: int, heads: int, head_dim: int, kv_heads: int,
+                  sliding_window: int, seed: int = 0, dtype: Any = jnp.float32) -> Any:
+  """A Tunix NNX Gemma 3 of the given sizes, every weight drawn from ``N(0, 1/embed)`` (seed ``seed``).
+
+  Tunix initialises some kernels to zero; random weights make every layer (and adapter) matter.
+  """
+  import numpy as np  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+  from tunix.models.gemma3 import model as g3  # noqa: PLC0415 - Tunix is an optional extra
+
+  cfg = g3.ModelConfig(num_layers=layers, num_embed=vocab, embed_dim=embed, hidden_dim=hidden, num_heads=heads,
+                       head_dim=head_dim, num_kv_heads=kv_heads, sliding_window_size=sliding_window, param_dtype=dtype)
+  model = g3.Gemma3(cfg, rngs=nnx.Rngs(seed))
+  leaves, treedef = jax.tree_util.tree_flatten(nnx.state(model, nnx.Param))
+  rng = np.random.default_rng(seed)
+  nnx.update(model, jax.tree_util.tree_unflatten(
+      treedef, [jnp.asarray(embed ** -0.5 * rng.standard_normal(x.shape), x.dtype) for x in leaves]))
+  return model

@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 import mos_jax
+from oracles.gemma3 import randomize, tiny_gemma3
 from oracles.helpers import assert_close, hf_numerics, random_pools, rel_err
 
 g3 = pytest.importorskip("tunix.models.gemma3.model")
@@ -22,22 +23,6 @@ q3 = pytest.importorskip("tunix.models.qwen3.model")
 
 RTOL = 1e-5
 BASE = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
-
-
-def randomize(model, seed=0, scale=0.2):
-  """Tunix initialises some kernels to zero; random weights make every layer matter."""
-  state = nnx.state(model, nnx.Param)
-  leaves, treedef = jax.tree_util.tree_flatten(state)
-  rng = np.random.default_rng(seed)
-  nnx.update(model, jax.tree_util.tree_unflatten(
-      treedef, [jnp.asarray(scale * rng.normal(size=x.shape), x.dtype) for x in leaves]))
-  return model
-
-
-def tiny_gemma3(layers=2):
-  cfg = g3.ModelConfig(num_layers=layers, num_embed=64, embed_dim=32, hidden_dim=48, num_heads=4, head_dim=8,
-                       num_kv_heads=2, sliding_window_size=8, param_dtype=jnp.float32)
-  return randomize(g3.Gemma3(cfg, rngs=nnx.Rngs(0)))
 
 
 def tiny_llama3(layers=2):

@@ -46,14 +46,9 @@ def main() -> None:
   t0 = time.perf_counter()
   model, tokenizer = gemma3_weights.load_gemma3_270m(args.cache_dir)
   print(f"Gemma 3 270M loaded in {time.perf_counter() - t0:.0f} s", flush=True)
-  from tunix.generate import sampler as sampler_lib  # noqa: PLC0415 - Tunix is an optional extra
-
-  cfg = model.config
   config = mos_jax.MoSConfig(rank=8, equivalent_rank=1, shards_per_vector=2, target_modules=mos_jax.nnx.GEMMA3_TARGETS)
   adapters = serving.random_adapters(model, config, args.adapters, args.scale)
-  cache = sampler_lib.CacheConfig(cache_size=sampling.needed_cache_size(tokenizer, PROMPTS, args.steps),
-                                  num_layers=cfg.num_layers,
-                                  num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
+  cache = sampling.cache_config(model, sampling.needed_cache_size(tokenizer, PROMPTS, args.steps))
   rows, seconds = serving.check_served_generation(model, tokenizer.sp, adapters, PROMPTS, ADAPTER_IDS, cache,
                                                   max_generation_steps=args.steps, eos_tokens=list(tokenizer.stop_ids))
   for r in rows:

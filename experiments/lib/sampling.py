@@ -58,18 +58,40 @@ def make_sampler(model: Any, tokenizer: Any, cache_size: int = DEFAULT_CACHE_SIZ
   """
   from tunix.generate import sampler as sampler_lib  # noqa: PLC0415
 
+  return sampler_lib.Sampler(model, tokenizer.sp, cache_config(model, cache_size))
+
+
+def cache_config(model: Any, cache_size: int) -> Any:
+  """Tunix's ``CacheConfig`` of ``cache_size`` positions for ``model``, its shape read from the model's config.
+
+  Args:
+    model: a Tunix NNX model (adapted or not) whose ``config`` has ``num_layers``, ``num_kv_heads`` and
+      ``head_dim``.
+    cache_size: the KV cache length (:func:`needed_cache_size`).
+
+  Returns:
+    The ``tunix.generate.sampler.CacheConfig``.
+
+  Raises:
+    ValueError: the model has no such config, or ``cache_size`` < 2.
+
+  Example:
+    >>> cache_config(model, needed_cache_size(tokenizer, ["Hi"], 4))  # doctest: +SKIP
+  """
+  from tunix.generate import sampler as sampler_lib  # noqa: PLC0415
+
   cfg = getattr(model, "config", None)
   missing = [a for a in ("num_layers", "num_kv_heads", "head_dim") if not hasattr(cfg, a)]
   if missing:
-    raise ValueError(f"make_sampler needs a Tunix model whose `config` has num_layers, num_kv_heads and head_dim; "
+    raise ValueError(f"A sampler's KV cache needs a Tunix model whose `config` has num_layers, num_kv_heads and "
+                     f"head_dim; "
                      f"{type(model).__name__}'s config {type(cfg).__name__} lacks {missing}. Fix: pass a Tunix model "
                      "(e.g. from experiments.lib.gemma3_weights.load_gemma3_270m), adapted or not.")
   if cache_size < 2:
     raise ValueError(f"cache_size={cache_size} holds no prompt and new token: pass at least the longest prompt "
                      "rounded up to a power of 2 plus the new tokens.")
-  cache = sampler_lib.CacheConfig(cache_size=int(cache_size), num_layers=cfg.num_layers,
-                                  num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
-  return sampler_lib.Sampler(model, tokenizer.sp, cache)
+  return sampler_lib.CacheConfig(cache_size=int(cache_size), num_layers=cfg.num_layers,
+                                 num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
 
 
 def generate(sampler: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, *,

@@ -10,7 +10,7 @@ GEMMA_STAMP := $(VENV)/.installed-gemma
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install test test-slow demo demo-minilm demo-tiny bench bench-levers bench-profile bench-gemma3 \
+.PHONY: install test test-slow demo demo-minilm demo-tiny bench bench-levers bench-profile bench-passes bench-gemma3 \
 	bench-gemma3-curves bench-qlora bench-torch bench-scan bench-quantized bench-scaling bench-serving bench-docs bench-all \
 	serve-gemma3 reproduce reproduce-llm clean
 
@@ -75,6 +75,11 @@ bench-levers: $(STAMP)
 bench-profile: $(STAMP)
 	$(BIN)/python -m experiments.bench_profile --hidden 256 $(BENCH_FLAGS)
 
+# The term's six rank-r passes timed alone (in cache and from memory) on top of the floor, at both sizes.
+bench-passes: $(STAMP)
+	$(BIN)/python -m experiments.bench_passes $(BENCH_FLAGS)
+	$(BIN)/python -m experiments.bench_passes --hidden 1024 $(BENCH_FLAGS) --out experiments/results/bench_passes_h1024.json
+
 # Frozen fwd+bwd, qwix LoRA and MoS on the real Gemma 3 270M, float32 and bfloat16 (~15 min on one core).
 bench-gemma3: $(STAMP) $(GEMMA_STAMP)
 	$(BIN)/python -m experiments.bench_gemma3 $(BENCH_FLAGS)
@@ -100,8 +105,9 @@ bench-scan: $(STAMP)
 bench-quantized: $(STAMP)
 	$(BIN)/python -m experiments.bench_quantized $(BENCH_FLAGS)
 
+# Not pinned: the virtual devices need the machine's cores.
 bench-scaling: $(STAMP)
-	$(BIN)/python -m experiments.bench_scaling $(BENCH_FLAGS)
+	$(BIN)/python -m experiments.bench_scaling
 
 # Many adapters in one batch vs one at a time vs the base: NNX (Tunix Gemma 3, 1 to 1,000 adapters, forward and
 # decoding) and linen (HF Flax Llama).
@@ -118,7 +124,7 @@ bench-docs: $(STAMP)
 
 # Every benchmark, then the docs' tables from their results (an hour or more on 2 cores; run it on
 # a machine nothing else is using, or under the shared lock).
-bench-all: bench bench-levers bench-profile bench-gemma3 bench-gemma3-curves bench-qlora bench-torch bench-scan \
+bench-all: bench bench-levers bench-profile bench-passes bench-gemma3 bench-gemma3-curves bench-qlora bench-torch bench-scan \
 	bench-quantized bench-scaling bench-serving bench-docs
 
 reproduce: $(STAMP)

@@ -178,6 +178,24 @@ def profile_table(results: Path) -> str:
   return table(head, rows) + run_line(r, "bench_profile.json") + f"*hidden {r['sizes']['hidden']}.*\n"
 
 
+def passes_table(results: Path) -> str:
+  runs = [(h, f, load(results, f)) for h, f in ((256, "bench_passes.json"), (1024, "bench_passes_h1024.json"))]
+  runs = [(h, f, r) for h, f, r in runs if r]
+  if not runs:
+    return missing("make bench-passes")
+  goals = {256: 1.10, 1024: 1.04}
+  head = ["hidden", "floor", "six passes hot / cold", "(floor + hot passes) / floor", "(floor + cold passes) / floor",
+          "MoS step / floor", "goal"]
+  rows = [[str(h), f"{r['floor_ms']:.0f} ms", f"{r['hot_passes_ms']:.1f} / {r['cold_passes_ms']:.1f} ms",
+           ratio(r["hot_passes_over_floor"]), ratio(r["cold_passes_over_floor"]), ratio(r["step_over_floor"]),
+           f"<= {goals[h]:.2f}" if h in goals else "-"] for h, _, r in runs]
+  kinds = list(runs[0][2]["passes_by_kind"])
+  head2 = ["pass (ms per step, hot / cold)", *(f"hidden {h}" for h, _, _ in runs)]
+  rows2 = [[k, *(f"{r['passes_by_kind'][k]['hot_ms']:.1f} / {r['passes_by_kind'][k]['cold_ms']:.1f}"
+                 for _, _, r in runs)] for k in kinds]
+  return table(head, rows) + "\n" + table(head2, rows2) + "".join(run_line(r, f) for _, f, r in runs)
+
+
 def gemma3_table(results: Path) -> str:
   runs = [(d, load(results, f)) for d, f in (("float32", "bench_gemma3.json"), ("bfloat16", "bench_gemma3_bf16.json"))]
   runs = [(d, r) for d, r in runs if r]
@@ -250,7 +268,9 @@ def scaling_table(results: Path) -> str:
   for x in r["rows"]:
     eff = x.get("efficiency")
     eff = ratio(eff, 2) if isinstance(eff, dict) else (f"{eff:.2f}" if eff is not None else "-")
-    rows.append([x["mode"], str(x["devices"]), f"{1e3 * x['step_s']:.1f} ms", eff])
+    ci = x.get("step_s_ci95")
+    step = f"{1e3 * x['step_s']:.1f} ms" + (f" [{1e3 * ci[0]:.1f}, {1e3 * ci[1]:.1f}]" if ci else "")
+    rows.append([x["mode"], str(x["devices"]), step, eff])
   return table(head, rows, "lrrr") + (run_line(r, "bench_scaling.json") if "run" in r else "")
 
 
@@ -319,7 +339,7 @@ def qlora_table(results: Path) -> str:
 TABLES: dict[str, Callable[[Path], str]] = {
     "core": core_table, "core-details": core_details_table, "levers": levers_table, "profile": profile_table,
     "gemma3": gemma3_table, "gemma3-curves": curves_table, "scan": scan_table, "quantized": quantized_table,
-    "scaling": scaling_table, "serving": serving_table, "qlora": qlora_table}
+    "scaling": scaling_table, "passes": passes_table, "serving": serving_table, "qlora": qlora_table}
 
 
 def render(text: str, results: Path = RESULTS_DIR) -> str:

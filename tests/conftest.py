@@ -32,3 +32,21 @@ def tiny_bert():
                    num_attention_heads=4, max_position_embeddings=64)
   with hf_numerics():
     return FlaxBertModel(cfg, seed=0)
+
+
+def pytest_sessionfinish(session, exitstatus):
+  """With ``MOS_NO_SKIPS=1`` (``make test-slow`` sets it) a skipped test fails the run.
+
+  The slow suite's machine has every optional dependency installed (PyTorch, PEFT, the Gemma 3
+  weights), so a skip there means a check that silently did not run (a module-level
+  ``importorskip`` skips a whole file).
+  """
+  if os.environ.get("MOS_NO_SKIPS") != "1":
+    return
+  reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+  skipped = reporter.stats.get("skipped", []) if reporter else []
+  if skipped:
+    reasons = sorted({str(r.longrepr[-1]) if isinstance(r.longrepr, tuple) else str(r.longrepr) for r in skipped})
+    reporter.write_line(f"MOS_NO_SKIPS=1: {len(skipped)} skipped, which fails this run: " + "; ".join(reasons),
+                        red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -9,9 +9,10 @@ adapter needs, ``dA = dhᵀ x`` and ``dB = gᵀ h``, are rank-``r`` reductions o
 to XLA. Products accumulate in float32; ``A`` and ``B`` are cast to the input's dtype for them, as
 in :func:`~mos_jax.core.low_rank_term`.
 
-Written for GPUs and TPUs (one program per output block, the contraction looped inside it, so the
-same kernel lowers through Triton and Mosaic); on CPU it runs in Pallas's interpreter, which
-checks it against the reference but is not a fast path.
+Written for GPUs and TPUs (one program per output block, the contraction looped inside it, so that
+the same kernel can lower through Triton and Mosaic; neither lowering has been run: no accelerator
+was lent, see docs/pallas.md); on CPU it runs in Pallas's interpreter, which checks it against
+the reference but is not a fast path.
 """
 
 from __future__ import annotations

@@ -427,8 +427,10 @@ def verdicts(results: dict[str, list[runs.Contrast]], by_row: dict[str, list[dic
     else:
       verdict = f"{'it hurts' if step else c.a + ' is worse'}: higher fact NLL"
     out.append(f"- N = {n_facts}: {what}: fact NLL ratio {ratio}: {verdict}.")
-  out.append(f"- N = {n_facts}: {MOS} sits at an equivalent LoRA rank of {equivalent_lora_rank(by_row)} on the LoRA "
-             "curve (log fact NLL interpolated in log rank).")
+  rank = equivalent_lora_rank(by_row)
+  if rank != "n/a":  # no LoRA curve at this N (the larger N runs LoRA r=8 only)
+    out.append(f"- N = {n_facts}: {MOS} sits at an equivalent LoRA rank of {rank} on the LoRA curve (log fact NLL "
+               "interpolated in log rank).")
   return out
 
 

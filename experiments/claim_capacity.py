@@ -351,12 +351,15 @@ def family_results(by_row: dict[str, list[dict]], pairs: Sequence[tuple[str, str
   return out
 
 
-def equivalent_lora_rank(by_row: dict[str, list[dict]], row: str = MOS) -> str:
-  """Where ``row``'s mean log fact NLL falls on the LoRA curve (log-log interpolation), as text."""
+def equivalent_lora_rank(by_row: dict[str, list[dict]], row: str = MOS) -> str | None:
+  """Where ``row``'s mean log fact NLL falls on the LoRA curve (log-log interpolation), as text.
+
+  ``None`` without the row or a curve (two or more LoRA ranks): the larger ``N`` runs LoRA r=8 only.
+  """
   curve = [(r, np.mean([math.log(x[PRIMARY]) for x in by_row[f"LoRA r={r}"]])) for r in LORA_RANKS
            if f"LoRA r={r}" in by_row]
   if row not in by_row or len(curve) < 2:
-    return "n/a"
+    return None
   y = np.mean([math.log(x[PRIMARY]) for x in by_row[row]])
   for (r0, y0), (r1, y1) in zip(curve, curve[1:]):
     if min(y0, y1) <= y <= max(y0, y1) and y0 != y1:
@@ -428,7 +431,7 @@ def verdicts(results: dict[str, list[runs.Contrast]], by_row: dict[str, list[dic
       verdict = f"{'it hurts' if step else c.a + ' is worse'}: higher fact NLL"
     out.append(f"- N = {n_facts}: {what}: fact NLL ratio {ratio}: {verdict}.")
   rank = equivalent_lora_rank(by_row)
-  if rank != "n/a":  # no LoRA curve at this N (the larger N runs LoRA r=8 only)
+  if rank is not None:
     out.append(f"- N = {n_facts}: {MOS} sits at an equivalent LoRA rank of {rank} on the LoRA curve (log fact NLL "
                "interpolated in log rank).")
   return out

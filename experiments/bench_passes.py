@@ -59,12 +59,9 @@ def parse_args() -> argparse.Namespace:
                             repeats_help="rounds (default 12)", extra=extra).parse_args()
 
 
-def projection_shapes(s: bench.CoreSizes) -> collections.Counter:
-  """``{(d_in, d_out): count}`` over the Llama's adapted projections (q, k, v, o, gate, up, down per layer)."""
-  kv = s.kv_heads * (s.hidden // s.heads)
-  per_layer = [(s.hidden, s.hidden), (s.hidden, kv), (s.hidden, kv), (s.hidden, s.hidden),
-               (s.hidden, s.intermediate), (s.hidden, s.intermediate), (s.intermediate, s.hidden)]
-  return collections.Counter({k: v * s.layers for k, v in collections.Counter(per_layer).items()})
+def projection_shapes(adapter: mos_jax.Adapter) -> collections.Counter:
+  """``{(d_in, d_out): count}`` over the adapter's layers (``A`` is ``(r, d_in)``, ``B`` ``(d_out, r)``)."""
+  return collections.Counter((a.shape[1], b.shape[0]) for a, b in mos_jax.core.layer_factors(adapter).values())
 
 
 def main() -> None:
@@ -79,7 +76,7 @@ def main() -> None:
   step = bench.train_step_variant("MoS step", "mos_jax.linen.adapted_loss", mos_jax.linen.adapted_loss(loss_fn),
                                   adapter, params, batch)
   t = s.batch * s.seq
-  shapes = projection_shapes(s)
+  shapes = projection_shapes(adapter)
   rng = np.random.default_rng(0)
 
   def operands(shape_fn, d_in, d_out):
@@ -127,7 +124,8 @@ def main() -> None:
       "sizes": dataclasses.asdict(s), "rounds": rounds, "calls": calls, "environment": bench.environment(),
       "projections": {f"{i}x{o}": n for (i, o), n in sorted(shapes.items())},
       "floor_ms": float(np.median(floor_s) * 1e3), "step_ms": float(np.median(step_s) * 1e3),
-      "per_call_us": float(np.median(call_s) * 1e6), "hot_passes_ms": float(np.median(hot_sum) * 1e3), "cold_passes_ms": float(np.median(cold_sum) * 1e3),
+      "per_call_us": float(np.median(call_s) * 1e6), "hot_passes_ms": float(np.median(hot_sum) * 1e3),
+      "cold_passes_ms": float(np.median(cold_sum) * 1e3),
       "passes_by_kind": by_pass,
       "hot_passes_over_floor": bench.paired_ratio(floor_s + hot_sum, floor_s),
       "cold_passes_over_floor": bench.paired_ratio(floor_s + cold_sum, floor_s),

@@ -10,12 +10,13 @@ from experiments.lib import bench
 from oracles.helpers import assert_close
 
 
-def test_projection_shapes_are_the_adapted_layers_of_the_benchmarked_llama():
-  sizes = bench.CORE_QUICK  # GQA like the documented sizes: k/v narrower than q
-  params = bench.build_llama(sizes).params
-  factors = mos_jax.core.layer_factors(mos_jax.adapt(params, mos_jax.MoSConfig.lora(sizes.rank)))
-  adapted = collections.Counter((a.shape[1], b.shape[0]) for a, b in factors.values())  # A (r, d_in), B (d_out, r)
-  assert bench_passes.projection_shapes(sizes) == adapted
+def test_projection_shapes_are_the_llamas_seven_projections_per_layer():
+  s = bench.CORE_QUICK  # GQA like the documented sizes: k/v narrower than q
+  adapter = mos_jax.adapt(bench.build_llama(s).params, bench.core_mos_config(s))
+  kv = s.kv_heads * (s.hidden // s.heads)
+  per_layer = [(s.hidden, s.hidden), (s.hidden, kv), (s.hidden, kv), (s.hidden, s.hidden),  # q, k, v, o
+               (s.hidden, s.intermediate), (s.hidden, s.intermediate), (s.intermediate, s.hidden)]  # gate, up, down
+  assert bench_passes.projection_shapes(adapter) == collections.Counter(per_layer * s.layers)
 
 
 def test_each_pass_computes_its_formula():
